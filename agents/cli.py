@@ -47,6 +47,7 @@ def cli() -> None:
 
 @cli.command()
 @click.option("--resnet", "resnet_path", type=click.Path(dir_okay=False), help="ResNet checkpoint evaluated under a fixed --policy.")
+@click.option("--checkpoint", "agent_path", type=click.Path(), help="Trained agent (run directory or agent checkpoint file): its policy network chooses the blocks.")
 @click.option("--dataset", type=click.Choice(["imagefolder", "cifar10", "cifar100"]), default="imagefolder", help="Dataset format.")
 @click.option("--data-dir", type=click.Path(file_okay=False), required=True, help="Dataset root (ImageFolder tree with train/ and test/, or the CIFAR python files).")
 @click.option("--split", type=click.Choice(["train", "test"]), default="test", help="Dataset split to evaluate.")
@@ -59,6 +60,7 @@ def cli() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 def evaluate(
     resnet_path: str | None,
+    agent_path: str | None,
     dataset: str,
     data_dir: str,
     split: str,
@@ -70,18 +72,34 @@ def evaluate(
     seed: int,
     as_json: bool,
 ) -> None:
-    """Measure accuracy, blocks and FLOPs of a ResNet under a fixed policy on a dataset split."""
+    """Measure accuracy, blocks and FLOPs of a policy and its ResNet on a dataset split.
+
+    With --checkpoint, a trained agent's policy network chooses the blocks of its own ResNet.
+    With --resnet, a bare ResNet runs under the fixed --policy. Both print the same keys.
+    """
+    from agents.agent_checkpoint import agent_policy_fn, load_agent
     from agents.baselines import parse_policy_spec
     from agents.evaluation import evaluate_policy
     from blockdrop_env.checkpoints import load_resnet
     from blockdrop_env.data import load_dataset
 
-    if resnet_path is None:
-        raise ConfigError("`--resnet` is missing; pass the checkpoint to evaluate, e.g. --resnet resnet32.th")
+    if (resnet_path is None) == (agent_path is None):
+        raise ConfigError(
+            "pass exactly one of `--checkpoint` (a trained agent) and `--resnet` (a bare ResNet "
+            f"under --policy), got {'both' if resnet_path else 'neither'}"
+        )
     torch_device = resolve_device(device)
     torch.manual_seed(seed)
-    loaded = load_resnet(resnet_path, normalization=NORMALIZATIONS[normalization])
-    policy_fn = parse_policy_spec(policy_spec, loaded.model.num_blocks, seed)
+    if agent_path is not None:
+        policy_net, loaded, info = load_agent(agent_path, device=torch_device)
+        policy_fn = agent_policy_fn(policy_net, info.num_controlled)
+        policy_name = f"agent:{info.path}"
+        checkpoint = str(agent_path)
+    else:
+        loaded = load_resnet(resnet_path, normalization=NORMALIZATIONS[normalization])
+        policy_fn = parse_policy_spec(policy_spec, loaded.model.num_blocks, seed)
+        policy_name = policy_fn.name
+        checkpoint = str(resnet_path)
     data = load_dataset(dataset, data_dir, split, progress=show_progress())
     if num_images is not None:
         data = data.subset(torch.arange(min(num_images, len(data))))
@@ -91,8 +109,8 @@ def evaluate(
 
     report: dict[str, Any] = {
         **result.to_dict(),
-        "policy": policy_fn.name,
-        "checkpoint": str(resnet_path),
+        "policy": policy_name,
+        "checkpoint": checkpoint,
         "checkpoint_format": loaded.format,
         "arch": loaded.arch,
         "dataset": dataset,
@@ -142,6 +160,15 @@ def _exit_with_error(message: str) -> None:
     click.echo("Error: " + " ".join(message.split()), err=True)
     sys.exit(2)
 
+
+def _register_commands() -> None:
+    from agents.cli_train import finetune, train
+
+    cli.add_command(train)
+    cli.add_command(finetune)
+
+
+_register_commands()
 
 if __name__ == "__main__":
     main()

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from blockdrop_env.checkpoints import atomic_torch_save
 from blockdrop_env.errors import CheckpointError, ConfigError
 
 CONFIG_FILE = "config.json"
@@ -38,16 +39,6 @@ def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as handle:
         handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` through a temporary file, fsync and rename: ``path`` is never torn."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        torch.save(obj, handle)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
@@ -173,7 +164,7 @@ class RunDirectory:
     def save_checkpoint(self, state: Mapping[str, Any], name: str = LAST_CHECKPOINT) -> Path:
         """Write a checkpoint atomically and return its path."""
         path = self.path / name
-        atomic_save(dict(state), path)
+        atomic_torch_save(dict(state), path)
         return path
 
     def has_checkpoint(self, name: str = LAST_CHECKPOINT) -> bool:

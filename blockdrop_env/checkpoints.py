@@ -258,7 +258,7 @@ def save_resnet(
         )
     extra = dict(extra or {})
     _check_safe_value(extra, "extra")
-    atomic_torch_save(_blockdrop_checkpoint(model, extra), path)
+    atomic_torch_save(resnet_to_state(model, extra), path)
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
@@ -845,7 +845,8 @@ def _sample(items: list[str], limit: int = 5) -> str:
 # Saving
 
 
-def _blockdrop_checkpoint(model: BlockDropResNet, extra: dict[str, Any]) -> dict[str, Any]:
+def resnet_to_state(model: BlockDropResNet, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Build the dict that :func:`save_resnet` writes, for embedding in larger checkpoints."""
     normalization = model.normalization
     return {
         "format": "blockdrop",
@@ -858,7 +859,7 @@ def _blockdrop_checkpoint(model: BlockDropResNet, extra: dict[str, Any]) -> dict
         else {"mean": list(normalization.mean), "std": list(normalization.std)},
         "input_size": [int(model.input_size[0]), int(model.input_size[1])],
         "state_dict": {key: value.detach().cpu() for key, value in model.state_dict().items()},
-        "extra": extra,
+        "extra": dict(extra or {}),
     }
 
 

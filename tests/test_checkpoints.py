@@ -308,7 +308,7 @@ def test_blockdrop_format_stores_only_plain_types(tmp_path):
 
 def test_detect_format_for_each_format():
     cifar, avgpool, tv = _cifar("A"), _cifar("avgpool"), _torchvision_resnet18()
-    ours = checkpoints._blockdrop_checkpoint(cifar, {})
+    ours = checkpoints.resnet_to_state(cifar)
     cases = {
         "blockdrop": ours,
         "pytorch_resnet_cifar10": _pytorch_resnet_cifar10_checkpoint(cifar),
@@ -652,7 +652,7 @@ def test_load_rejects_wrong_shape(tmp_path):
 
 
 def test_load_rejects_newer_blockdrop_format_version(tmp_path):
-    checkpoint = checkpoints._blockdrop_checkpoint(_cifar(), {})
+    checkpoint = checkpoints.resnet_to_state(_cifar())
     checkpoint["format_version"] = 2
     path = _save(checkpoint, tmp_path / "future.pt")
 
@@ -661,7 +661,7 @@ def test_load_rejects_newer_blockdrop_format_version(tmp_path):
 
 
 def test_load_rejects_blockdrop_format_missing_field(tmp_path):
-    checkpoint = checkpoints._blockdrop_checkpoint(_cifar(), {})
+    checkpoint = checkpoints.resnet_to_state(_cifar())
     del checkpoint["arch"]
     path = _save(checkpoint, tmp_path / "broken.pt")
 

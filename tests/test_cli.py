@@ -97,7 +97,7 @@ def test_evaluate_class_count_mismatch_exits_2(tmp_path, image_folder, capsys):
 def test_evaluate_without_resnet_exits_2(image_folder, capsys):
     status, _, err = run_cli(["evaluate", "--data-dir", str(image_folder)], capsys)
     assert status == 2
-    assert "`--resnet` is missing" in err
+    assert "pass exactly one of `--checkpoint`" in err
 
 
 def test_unknown_command_exits_2(capsys):

@@ -1,0 +1,126 @@
+"""``blockdrop train`` and ``blockdrop finetune``: the reference REINFORCE agent from the shell.
+
+Both commands are plain click commands; ``agents.cli`` adds them to the ``blockdrop`` group.
+Option defaults and help texts come from :class:`~agents.reinforce.TrainConfig` and
+:class:`~agents.finetune.FinetuneConfig`, so the CLI, the saved config.json and the Python API
+agree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from agents.finetune import FinetuneConfig
+from agents.finetune import finetune as run_finetuning
+from agents.reinforce import TrainConfig, config_help
+from agents.reinforce import train as run_training
+from agents.runs import LAST_CHECKPOINT
+from blockdrop_env.errors import ConfigError
+
+F = TypeVar("F", bound=Callable[..., Any])
+DATASETS = ["imagefolder", "cifar10", "cifar100"]
+
+
+def _default(config_class: type, name: str) -> Any:
+    field = next(f for f in fields(config_class) if f.name == name)
+    return None if field.default is MISSING else field.default
+
+
+def _option(config_class: type, name: str, *flags: str, **kwargs: Any) -> Callable[[F], F]:
+    """click option whose default and help text come from the configuration dataclass."""
+    flags = flags or ("--" + name.replace("_", "-"),)
+    kwargs.setdefault("default", _default(config_class, name))
+    kwargs.setdefault("show_default", True)
+    return click.option(*flags, name, help=config_help(config_class, name), **kwargs)
+
+
+def _common_options(config_class: type) -> Callable[[F], F]:
+    """Options shared by both commands, in the order --help lists them."""
+    options = [
+        _option(config_class, "run_dir", type=click.Path(file_okay=False), required=True, default=None),
+        _option(config_class, "epochs", type=int),
+        _option(config_class, "batch_size", type=int),
+        _option(config_class, "alpha", type=float),
+        _option(config_class, "beta", type=float),
+        _option(config_class, "max_train_images", type=int),
+        _option(config_class, "max_test_images", type=int),
+        _option(config_class, "augment", "--augment/--no-augment"),
+        _option(config_class, "device", type=click.Choice(["cpu", "cuda"])),
+        _option(config_class, "seed", type=int),
+        click.option("--resume", is_flag=True, help="Continue the run in --run-dir from its last.pt."),
+        click.option("--quiet", is_flag=True, help="No progress bars and no per-epoch lines."),
+    ]
+
+    def decorate(function: F) -> F:
+        for option in reversed(options):
+            function = option(function)
+        return function
+
+    return decorate
+
+
+@click.command(name="train")
+@_option(TrainConfig, "resnet", type=click.Path(dir_okay=False), required=True, default=None)
+@_option(TrainConfig, "dataset", type=click.Choice(DATASETS))
+@_option(TrainConfig, "data_dir", type=click.Path(file_okay=False), required=True, default=None)
+@_option(TrainConfig, "lr", type=float)
+@_option(TrainConfig, "penalty", type=float)
+@_option(TrainConfig, "epochs_per_stage", type=int)
+@_option(TrainConfig, "blocks_per_stage", type=int)
+@_option(TrainConfig, "policy_input_size", type=int)
+@_common_options(TrainConfig)
+def train(resume: bool, quiet: bool, **options: Any) -> None:
+    """Train a policy network with curriculum REINFORCE on a frozen ResNet.
+
+    Writes config.json, metrics.jsonl, TensorBoard events, last.pt (every epoch) and best.pt
+    (highest test/reward) to --run-dir.
+    """
+    config = TrainConfig(**options)
+    _check_resume(config.run_dir, resume)
+    run_training(config, resume=resume, progress=not quiet, on_epoch=None if quiet else _epoch_printer(config.epochs))
+
+
+@click.command(name="finetune")
+@_option(FinetuneConfig, "from_run", "--from", type=click.Path(file_okay=False), required=True, default=None)
+@_option(FinetuneConfig, "lr_resnet", type=float)
+@_option(FinetuneConfig, "lr_policy", type=float)
+@_option(FinetuneConfig, "penalty", type=float)
+@_option(FinetuneConfig, "dataset", type=click.Choice(DATASETS))
+@_option(FinetuneConfig, "data_dir", type=click.Path(file_okay=False))
+@_common_options(FinetuneConfig)
+def finetune(resume: bool, quiet: bool, **options: Any) -> None:
+    """Fine-tune the policy network and the ResNet of a `blockdrop train` run jointly.
+
+    The ResNet trains on the cross-entropy of its predictions under the sampled policies, the
+    policy on the REINFORCE loss. Writes the same files as `blockdrop train` to --run-dir.
+    """
+    config = FinetuneConfig(**options)
+    _check_resume(config.run_dir, resume)
+    run_finetuning(config, resume=resume, progress=not quiet, on_epoch=None if quiet else _epoch_printer(config.epochs))
+
+
+def _check_resume(run_dir: str, resume: bool) -> None:
+    checkpoint = Path(run_dir) / LAST_CHECKPOINT
+    if resume and not checkpoint.is_file():
+        raise ConfigError(
+            f"--resume was given but {checkpoint} does not exist; start the run without --resume"
+        )
+
+
+def _epoch_printer(epochs: int) -> Callable[[int, Mapping[str, float]], None]:
+    def print_epoch(epoch: int, metrics: Mapping[str, float]) -> None:
+        click.echo(
+            f"epoch {epoch + 1}/{epochs}  controlled {metrics['curriculum/num_controlled']:.0f}  "
+            f"train reward {metrics['train/reward']:.3f} acc {metrics['train/accuracy']:.3f}  "
+            f"test reward {metrics['test/reward']:.3f} acc {metrics['test/accuracy']:.4f} "
+            f"blocks {metrics['test/blocks_mean']:.2f} ± {metrics['test/blocks_std']:.2f}  "
+            f"({metrics['time/epoch_seconds']:.1f} s)",
+            err=True,
+        )
+
+    return print_epoch
