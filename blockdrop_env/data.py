@@ -5,6 +5,7 @@ Two sources:
 * ImageFolder trees (``root/<split>/<class>/<image files>``), read in the order of
   ``torchvision.datasets.ImageFolder`` and decoded with PIL, as ImageFolder decodes them.
 * torchvision's CIFAR-10/100 python-format files (``cifar-10-batches-py``, ``cifar-100-python``).
+* the built-in procedural shape set of :mod:`blockdrop_env.shapes`, generated in memory.
 
 Every loader returns an :class:`ImageDataset`: one (N, 3, H, W) uint8 tensor and one (N,) int64
 label tensor, with no per-image Python objects kept.
@@ -29,7 +30,7 @@ from tqdm import tqdm
 
 from blockdrop_env.errors import ConfigError, DatasetError
 
-DATASET_NAMES = ("imagefolder", "cifar10", "cifar100")
+DATASET_NAMES = ("imagefolder", "cifar10", "cifar100", "shapes")
 SPLITS = ("train", "test")
 
 IMAGE_EXTENSIONS: tuple[str, ...] = tuple(IMG_EXTENSIONS)
@@ -49,12 +50,15 @@ class ImageDataset:
         labels: int64 tensor (N,), class indices into ``classes``.
         classes: Class names in label order.
         name: Short description for logs, e.g. ``"imagefolder:/data/cifar10-jpeg/test"``.
+        factors: Optional per-image values by name, each an (N,) tensor, e.g. the difficulty
+            factors of the shape set; ``subset`` and ``head`` select them with the images.
     """
 
     images: torch.Tensor
     labels: torch.Tensor
     classes: list[str]
     name: str = "dataset"
+    factors: dict[str, torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.dim() != 4 or self.images.shape[1] != 3:
@@ -67,6 +71,16 @@ class ImageDataset:
                 f"`labels` must have shape ({self.images.shape[0]},), got {tuple(self.labels.shape)}"
             )
         self.labels = self.labels.to(torch.int64)
+        self._validate_factors()
+
+    def _validate_factors(self) -> None:
+        for key, values in (self.factors or {}).items():
+            if not isinstance(values, torch.Tensor) or values.shape != (len(self),):
+                shape = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values)
+                raise DatasetError(
+                    f"`factors[{key!r}]` must be a tensor of shape ({len(self)},), one value per "
+                    f"image, got {shape}"
+                )
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -99,6 +113,7 @@ class ImageDataset:
             labels=self.labels[index],
             classes=list(self.classes),
             name=f"{self.name}[{index.numel()} of {len(self)}]",
+            factors=self._select_factors(index),
         )
 
     def head(self, num_samples: int) -> ImageDataset:
@@ -118,7 +133,13 @@ class ImageDataset:
             labels=self.labels[:num_samples],
             classes=list(self.classes),
             name=f"{self.name}[:{num_samples}]",
+            factors=self._select_factors(slice(num_samples)),
         )
+
+    def _select_factors(self, index: torch.Tensor | slice) -> dict[str, torch.Tensor] | None:
+        if self.factors is None:
+            return None
+        return {key: values[index] for key, values in self.factors.items()}
 
 
 def _validate_indices(indices: torch.Tensor | Sequence[int], size: int) -> torch.Tensor:
@@ -158,15 +179,16 @@ def check_same_classes(a: ImageDataset, b: ImageDataset) -> None:
 
 
 def load_dataset(
-    name: str, data_dir: str | Path, split: str, *, progress: bool = False
+    name: str, data_dir: str | Path | None, split: str, *, progress: bool = False
 ) -> ImageDataset:
     """Load one split of a dataset by name.
 
     Args:
         name: One of :data:`DATASET_NAMES`: ``"imagefolder"`` reads ``data_dir/<split>/<class>/``
             with :func:`load_image_folder`; ``"cifar10"`` and ``"cifar100"`` read torchvision's
-            CIFAR files with :func:`load_cifar`.
-        data_dir: Root folder of the dataset.
+            CIFAR files with :func:`load_cifar`. ``"shapes"`` generates the built-in shape set
+            with :func:`blockdrop_env.shapes.load_shapes` (50,000 train and 10,000 test images).
+        data_dir: Root folder of the dataset; ignored for ``"shapes"``, which may pass ``None``.
         split: One of :data:`SPLITS`.
         progress: Show a progress bar while images are decoded (ImageFolder only).
 
@@ -174,12 +196,23 @@ def load_dataset(
         The decoded split.
 
     Raises:
-        ConfigError: if ``name`` or ``split`` is not one of the allowed values.
+        ConfigError: if ``name`` or ``split`` is not one of the allowed values, or
+            ``data_dir`` is ``None`` for a dataset read from files.
         DatasetError: if the files are missing or invalid.
     """
     if name not in DATASET_NAMES:
         raise ConfigError(f"`name` must be one of {DATASET_NAMES}, got {name!r}")
     _validate_split(split)
+    if name == "shapes":
+        # Imported here because the shapes module builds on ImageDataset from this module.
+        from blockdrop_env.shapes import load_shapes
+
+        return load_shapes(split)
+    if data_dir is None:
+        raise ConfigError(
+            f"`data_dir` is required for the {name!r} dataset, got None; pass the folder that "
+            "contains its files"
+        )
     if name == "imagefolder":
         return load_image_folder(data_dir, split, progress=progress)
     return load_cifar(data_dir, split, num_classes=10 if name == "cifar10" else 100)

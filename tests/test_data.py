@@ -468,6 +468,34 @@ def test_load_dataset_rejects_unknown_split(tmp_path: Path) -> None:
         load_dataset("imagefolder", tmp_path, "valid")
 
 
+@pytest.mark.parametrize("name", ["imagefolder", "cifar10", "cifar100"])
+def test_load_dataset_requires_data_dir_for_files(name: str) -> None:
+    with pytest.raises(ConfigError, match=rf"`data_dir` is required for the '{name}' dataset"):
+        load_dataset(name, None, "train")
+
+
+@pytest.mark.parametrize("data_dir", [None, "/nonexistent/folder"])
+def test_load_dataset_shapes_ignores_data_dir(
+    monkeypatch: pytest.MonkeyPatch, data_dir: str | None
+) -> None:
+    from blockdrop_env import shapes
+
+    calls: list[str] = []
+
+    def fake_load_shapes(split: str) -> ImageDataset:
+        calls.append(split)
+        return small_dataset()
+
+    monkeypatch.setattr(shapes, "load_shapes", fake_load_shapes)
+    dataset = load_dataset("shapes", data_dir, "test")
+    assert calls == ["test"]
+    assert dataset.name == "small"
+
+
+def test_load_dataset_lists_shapes() -> None:
+    assert "shapes" in data_module.DATASET_NAMES
+
+
 # -- ImageDataset helpers ------------------------------------------------------------------------
 
 
@@ -529,6 +557,50 @@ def test_head_takes_first_samples() -> None:
 def test_head_rejects_negative_count() -> None:
     with pytest.raises(ConfigError, match="`num_samples` must be >= 0, got -1"):
         small_dataset().head(-1)
+
+
+def with_factors(dataset: ImageDataset) -> ImageDataset:
+    dataset.factors = {"difficulty": torch.tensor([0.0, 0.1, 0.2, 0.3, 0.4])}
+    return dataset
+
+
+def test_image_dataset_factors_default_to_none() -> None:
+    assert small_dataset().factors is None
+    assert small_dataset().subset([1]).factors is None
+    assert small_dataset().head(2).factors is None
+
+
+def test_subset_selects_factors() -> None:
+    subset = with_factors(small_dataset()).subset([4, 0, 4])
+    assert subset.factors is not None
+    assert subset.factors["difficulty"].tolist() == pytest.approx([0.4, 0.0, 0.4])
+
+
+def test_head_slices_factors() -> None:
+    head = with_factors(small_dataset()).head(2)
+    assert head.factors is not None
+    assert head.factors["difficulty"].tolist() == pytest.approx([0.0, 0.1])
+
+
+def test_image_dataset_rejects_factor_of_wrong_length() -> None:
+    images = torch.zeros(5, 3, 2, 2, dtype=torch.uint8)
+    factors = {"noise": torch.zeros(4)}
+    with pytest.raises(DatasetError, match=r"`factors\['noise'\]` must be a tensor of shape \(5,\).*got \(4,\)"):
+        ImageDataset(images, torch.zeros(5), ["a"], factors=factors)
+
+
+def test_image_dataset_rejects_two_dimensional_factor() -> None:
+    images = torch.zeros(5, 3, 2, 2, dtype=torch.uint8)
+    factors = {"noise": torch.zeros(5, 1)}
+    with pytest.raises(DatasetError, match=r"`factors\['noise'\]` must be a tensor .*got \(5, 1\)"):
+        ImageDataset(images, torch.zeros(5), ["a"], factors=factors)
+
+
+def test_image_dataset_rejects_non_tensor_factor() -> None:
+    images = torch.zeros(5, 3, 2, 2, dtype=torch.uint8)
+    factors = {"noise": [0.0] * 5}
+    with pytest.raises(DatasetError, match=r"`factors\['noise'\]` must be a tensor .*got <class 'list'>"):
+        ImageDataset(images, torch.zeros(5), ["a"], factors=factors)  # type: ignore[dict-item]
 
 
 def test_check_same_classes_accepts_equal_lists() -> None:
