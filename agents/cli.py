@@ -80,7 +80,7 @@ def evaluate(
     from agents.agent_checkpoint import agent_policy_fn, load_agent
     from agents.baselines import parse_policy_spec
     from agents.evaluation import evaluate_policy
-    from blockdrop_env.checkpoints import load_resnet
+    from blockdrop_env.checkpoints import check_dataset_classes, load_resnet
     from blockdrop_env.data import load_dataset
 
     if (resnet_path is None) == (agent_path is None):
@@ -101,6 +101,7 @@ def evaluate(
         policy_name = policy_fn.name
         checkpoint = str(resnet_path)
     data = load_dataset(dataset, data_dir, split, progress=show_progress())
+    check_dataset_classes(loaded, data.num_classes, data.name)
     if num_images is not None:
         data = data.subset(torch.arange(min(num_images, len(data))))
     result = evaluate_policy(
@@ -162,10 +163,14 @@ def _exit_with_error(message: str) -> None:
 
 
 def _register_commands() -> None:
+    from agents.cli_compare import compare
+    from agents.cli_pretrain import pretrain_command
     from agents.cli_train import finetune, train
 
     cli.add_command(train)
     cli.add_command(finetune)
+    cli.add_command(pretrain_command)
+    cli.add_command(compare)
 
 
 _register_commands()
