@@ -29,7 +29,7 @@ import torch
 from agents.policy import PolicyConfig, PolicyNetwork, controlled_mask, threshold_policy
 from agents.runs import BEST_CHECKPOINT, LAST_CHECKPOINT
 from blockdrop_env import checkpoints
-from blockdrop_env.checkpoints import LoadedResNet, resnet_from_state
+from blockdrop_env.checkpoints import LoadedResNet, read_checkpoint, resnet_from_state
 from blockdrop_env.errors import CheckpointError
 from blockdrop_env.resnet import BlockDropResNet
 
@@ -117,14 +117,7 @@ def read_agent_checkpoint(path: Path) -> dict[str, Any]:
     Raises:
         CheckpointError: if the file cannot be read or is not a ``blockdrop_agent`` checkpoint.
     """
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for unreadable or unsafe files
-        raise CheckpointError(
-            f"agent checkpoint {path} could not be read ({type(error).__name__}: "
-            f"{str(error).splitlines()[0] if str(error) else ''}); pass a file written by "
-            "`blockdrop train` or `blockdrop finetune`"
-        ) from None
+    state = read_checkpoint(path)
     if not isinstance(state, dict) or state.get("format") != AGENT_FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(

@@ -171,7 +171,7 @@ def best_fixed_policy(
     for name, value in (("max_images", max_images), ("batch_size", batch_size)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ConfigError(f"`{name}` must be a positive integer, got {value!r}")
-    images = dataset if max_images is None else dataset.head(max_images)
+    images = dataset.sample(max_images)
     env = BlockDropVectorEnv(model, images, batch_size, reward=reward, device=device)
 
     def objective(keep: tuple[bool, ...]) -> float:

@@ -48,8 +48,8 @@ def cli() -> None:
 @cli.command()
 @click.option("--resnet", "resnet_path", type=click.Path(dir_okay=False), help="ResNet checkpoint evaluated under a fixed --policy.")
 @click.option("--checkpoint", "agent_path", type=click.Path(), help="Trained agent (run directory or agent checkpoint file): its policy network chooses the blocks.")
-@click.option("--dataset", type=click.Choice(["imagefolder", "cifar10", "cifar100"]), default="imagefolder", help="Dataset format.")
-@click.option("--data-dir", type=click.Path(file_okay=False), required=True, help="Dataset root (ImageFolder tree with train/ and test/, or the CIFAR python files).")
+@click.option("--dataset", type=click.Choice(["shapes", "imagefolder", "cifar10", "cifar100"]), default="shapes", help="Dataset: shapes (built in, no files) or a format read from --data-dir.")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Dataset root (ImageFolder tree with train/ and test/, or the CIFAR python files); not used by shapes.")
 @click.option("--split", type=click.Choice(["train", "test"]), default="test", help="Dataset split to evaluate.")
 @click.option("--policy", "policy_spec", default="all", help="Fixed policy: all, first:K or random:P.")
 @click.option("--normalization", type=click.Choice(list(NORMALIZATIONS)), default="auto", help="Input normalisation; auto takes the checkpoint format's default.")
@@ -62,7 +62,7 @@ def evaluate(
     resnet_path: str | None,
     agent_path: str | None,
     dataset: str,
-    data_dir: str,
+    data_dir: str | None,
     split: str,
     policy_spec: str,
     normalization: str,

@@ -8,8 +8,10 @@ agree.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, fields
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,7 +25,7 @@ from agents.runs import LAST_CHECKPOINT
 from blockdrop_env.errors import ConfigError
 
 F = TypeVar("F", bound=Callable[..., Any])
-DATASETS = ["imagefolder", "cifar10", "cifar100"]
+DATASETS = ["shapes", "imagefolder", "cifar10", "cifar100"]
 
 
 def _default(config_class: type, name: str) -> Any:
@@ -36,13 +38,20 @@ def _option(config_class: type, name: str, *flags: str, **kwargs: Any) -> Callab
     flags = flags or ("--" + name.replace("_", "-"),)
     kwargs.setdefault("default", _default(config_class, name))
     kwargs.setdefault("show_default", True)
-    return click.option(*flags, name, help=config_help(config_class, name), **kwargs)
+    kwargs.setdefault("help", config_help(config_class, name))
+    return click.option(*flags, name, **kwargs)
 
 
 def _common_options(config_class: type) -> Callable[[F], F]:
     """Options shared by both commands, in the order --help lists them."""
     options = [
-        _option(config_class, "run_dir", type=click.Path(file_okay=False), required=True, default=None),
+        _option(
+            config_class,
+            "run_dir",
+            type=click.Path(file_okay=False),
+            default=None,
+            help=config_help(config_class, "run_dir") + " Default: runs/<command>-<date>-<time>.",
+        ),
         _option(config_class, "epochs", type=int),
         _option(config_class, "batch_size", type=int),
         _option(config_class, "alpha", type=float),
@@ -65,9 +74,9 @@ def _common_options(config_class: type) -> Callable[[F], F]:
 
 
 @click.command(name="train")
-@_option(TrainConfig, "resnet", type=click.Path(dir_okay=False), required=True, default=None)
+@_option(TrainConfig, "resnet", type=click.Path(dir_okay=False), default=None)
 @_option(TrainConfig, "dataset", type=click.Choice(DATASETS))
-@_option(TrainConfig, "data_dir", type=click.Path(file_okay=False), required=True, default=None)
+@_option(TrainConfig, "data_dir", type=click.Path(file_okay=False), default=None)
 @_option(TrainConfig, "lr", type=float)
 @_option(TrainConfig, "penalty", type=float)
 @_option(TrainConfig, "epochs_per_stage", type=int)
@@ -80,9 +89,11 @@ def train(resume: bool, quiet: bool, **options: Any) -> None:
     Writes config.json, metrics.jsonl, TensorBoard events, last.pt (every epoch) and best.pt
     (highest test/reward) to --run-dir.
     """
+    options = _fill_defaults(options, "train")
     config = TrainConfig(**options)
     _check_resume(config.run_dir, resume)
     run_training(config, resume=resume, progress=not quiet, on_epoch=None if quiet else _epoch_printer(config.epochs))
+    _print_comparison(config)
 
 
 @click.command(name="finetune")
@@ -99,9 +110,42 @@ def finetune(resume: bool, quiet: bool, **options: Any) -> None:
     The ResNet trains on the cross-entropy of its predictions under the sampled policies, the
     policy on the REINFORCE loss. Writes the same files as `blockdrop train` to --run-dir.
     """
+    options = _fill_defaults(options, "finetune")
     config = FinetuneConfig(**options)
     _check_resume(config.run_dir, resume)
     run_finetuning(config, resume=resume, progress=not quiet, on_epoch=None if quiet else _epoch_printer(config.epochs))
+    _print_comparison(config)
+
+
+def _fill_defaults(options: dict[str, Any], command: str) -> dict[str, Any]:
+    """Replace options left unset on the command line by the configuration's defaults."""
+    filled = {key: value for key, value in options.items() if value is not None}
+    if not filled.get("run_dir"):
+        filled["run_dir"] = str(Path("runs") / f"{command}-{datetime.now():%Y%m%d-%H%M%S}")
+    return filled
+
+
+def _print_comparison(config: TrainConfig | FinetuneConfig) -> None:
+    """Compare the run's best policy with all blocks and first-K on the test split, and save it."""
+    from agents.agent_checkpoint import agent_policy_fn, load_agent
+    from agents.reinforce import load_splits
+    from agents.report import compare_with_baselines
+
+    from agents.runs import RunDirectory
+
+    # The saved config has the values the run resolved, e.g. a fine-tuning run's source dataset.
+    saved = RunDirectory(config.run_dir, tensorboard=False).read_config()
+    policy, loaded, info = load_agent(config.run_dir, device=config.device)
+    _, test_data = load_splits(saved["dataset"], saved["data_dir"], None, saved["max_test_images"])
+    comparison = compare_with_baselines(
+        loaded.model, test_data, agent_policy_fn(policy, info.num_controlled), batch_size=config.batch_size, device=config.device
+    )
+    table = comparison.format_table()
+    run_dir = Path(config.run_dir)
+    (run_dir / "report.md").write_text(f"Test split: {test_data.name}, {len(test_data)} images\n\n{table}\n")
+    (run_dir / "report.json").write_text(json.dumps(comparison.to_dict(), indent=2) + "\n")
+    click.echo(f"\nbest policy of {run_dir} on {len(test_data)} test images ({test_data.name}):\n")
+    click.echo(table)
 
 
 def _check_resume(run_dir: str, resume: bool) -> None:

@@ -135,7 +135,7 @@ class ReinforceLearner:
         batch_size = min(problem.batch_size, budget_steps)
         epochs = math.ceil(budget_steps / len(problem.train_data))
         num_images = max(batch_size, budget_steps // epochs // batch_size * batch_size)
-        train_data = problem.train_data.head(num_images)
+        train_data = problem.train_data.sample(num_images)
         with _run_directory(problem.work_dir, f"reinforce-seed{seed}") as run_dir:
             config = TrainConfig(
                 run_dir=str(run_dir),
@@ -149,7 +149,7 @@ class ReinforceLearner:
                 device=str(problem.device),
                 seed=seed,
             )
-            validation = problem.train_data.head(self.validation_images)
+            validation = problem.train_data.sample(self.validation_images)
             trainer = CurriculumTrainer(config, problem.model, train_data, validation, progress=problem.progress)
             trainer.fit()
         self.images_seen = epochs * trainer.steps_per_epoch * batch_size

@@ -33,7 +33,7 @@ from agents.reinforce import (
     validate_common,
 )
 from agents.runs import RunDirectory
-from blockdrop_env.checkpoints import resnet_from_state
+from blockdrop_env.checkpoints import check_dataset_classes, resnet_from_state
 from blockdrop_env.data import ImageDataset
 from blockdrop_env.errors import ConfigError
 from blockdrop_env.resnet import BlockDropResNet
@@ -56,8 +56,8 @@ class FinetuneConfig:
     penalty: float | None = _option(None, "Reward of a wrong prediction is -penalty; default: the source run's.")
     dataset: str | None = _option(None, "Dataset format; default: the source run's.")
     data_dir: str | None = _option(None, "Dataset root; default: the source run's.")
-    max_train_images: int | None = _option(None, "Use only the first N training images.")
-    max_test_images: int | None = _option(None, "Evaluate on only the first N test images.")
+    max_train_images: int | None = _option(None, "Train on a fixed random subset of N training images.")
+    max_test_images: int | None = _option(None, "Evaluate on a fixed random subset of N test images.")
     augment: bool = _option(True, "Random crop and horizontal flip of training images.")
     device: str = _option("cpu", "Where both networks run.")
     seed: int = _option(0, "Seed of the sampling and the image order.")
@@ -82,6 +82,8 @@ class JointFinetuner(EpochTrainer):
         progress: Show progress bars.
         on_epoch: Called after each epoch.
     """
+
+    lr_options = "--lr-policy or --lr-resnet"
 
     def __init__(
         self,
@@ -123,6 +125,7 @@ class JointFinetuner(EpochTrainer):
         labels = self.env.current_labels
         mask = controlled_mask(self.env.num_blocks, self.env.num_controlled, images.device)
         probs = self.policy(images)
+        self.check_finite("the keep-probability tensor", probs.detach())
         actions = sample_actions(probs, config.alpha, mask)
 
         # Rewards come from the env's block-sparse forward with BN in eval mode, as at test time.
@@ -139,6 +142,8 @@ class JointFinetuner(EpochTrainer):
         logits = model(model.preprocess(images), actions, mode="masked")
         cross_entropy = F.cross_entropy(logits, labels)
         loss = policy_gradient_loss(probs, actions, advantages, mask, config.alpha, config.beta)
+        self.check_finite("loss/cross_entropy", cross_entropy.detach())
+        self.check_finite("loss/total", loss.total.detach())
         self.optimizer.zero_grad(set_to_none=True)
         (loss.total + cross_entropy).backward()
         self.optimizer.step()
@@ -186,6 +191,7 @@ def finetune(
         last = Path(config.run_dir) / "last.pt"
         model = resnet_from_state(read_agent_checkpoint(resolve_agent_path(last))["resnet"], path=last).model
     train_data, test_data = load_splits(config.dataset, config.data_dir, config.max_train_images, config.max_test_images)
+    check_dataset_classes(loaded, train_data.num_classes, train_data.name)
     trainer = JointFinetuner(config, policy, model, train_data, test_data, progress=progress, on_epoch=on_epoch)
     return trainer.fit(resume=resume)
 

@@ -83,7 +83,7 @@ class PretrainConfig:
         ConfigError: if a value is out of range, ``arch`` is unknown or ``init`` is not a file.
     """
 
-    dataset: str = field(default="imagefolder", metadata=_doc("Dataset format: imagefolder, cifar10 or cifar100."))
+    dataset: str = field(default="imagefolder", metadata=_doc("Dataset format: imagefolder, cifar10, cifar100 or shapes."))
     data_dir: str | None = field(default=None, metadata=_doc("Dataset root with the train and test splits."))
     arch: str | None = field(
         default=None,
@@ -162,7 +162,7 @@ class PretrainConfig:
             raise ConfigError(f"`eval_batch_size` must be a positive integer, got {self.eval_batch_size!r}")
 
     def _check_rates(self) -> None:
-        if self.lr is not None and not self.lr > 0:
+        if self.lr is not None and not 0 < self.lr < math.inf:
             raise ConfigError(f"`lr` must be > 0, got {self.lr!r}; pass a learning rate such as 0.01")
         if not 0 <= self.momentum < 1:
             raise ConfigError(f"`momentum` must be in [0, 1), got {self.momentum!r}")
@@ -416,7 +416,7 @@ def _prepare_data(
     progress: bool,
 ) -> tuple[ImageDataset, ImageDataset]:
     """Load both splits unless given, check they match, and take the configured subsets."""
-    if (train_data is None or test_data is None) and config.data_dir is None:
+    if (train_data is None or test_data is None) and config.data_dir is None and config.dataset != "shapes":
         raise ConfigError("`data_dir` is missing; pass --data-dir with the dataset's train and test splits")
     if train_data is None:
         train_data = load_dataset(config.dataset, config.data_dir, "train", progress=progress)
@@ -429,23 +429,14 @@ def _prepare_data(
             f"{test_data.image_size}; resize both splits to one size"
         )
 
-    train_data = _random_subset(train_data, config.max_train_images, config.seed)
-    test_data = _random_subset(test_data, config.max_test_images, config.seed + 1)
+    train_data = train_data.sample(config.max_train_images, config.seed)
+    test_data = test_data.sample(config.max_test_images, config.seed + 1)
     if len(train_data) < config.batch_size:
         raise ConfigError(
             f"`batch_size` {config.batch_size} exceeds the {len(train_data)} training images; "
             "pass a smaller --batch-size"
         )
     return train_data, test_data
-
-
-def _random_subset(data: ImageDataset, size: int | None, seed: int) -> ImageDataset:
-    """Take a fixed random subset, because the first N images of a class-sorted folder miss classes."""
-    if size is None or size >= len(data):
-        return data
-    generator = torch.Generator().manual_seed(seed + _SUBSET_STREAM)
-    indices = torch.randperm(len(data), generator=generator)[:size].sort().values
-    return data.subset(indices)
 
 
 def _build_model(config: PretrainConfig, train_data: ImageDataset) -> tuple[BlockDropResNet, bool]:
@@ -677,7 +668,7 @@ def _check_finite(value: torch.Tensor, quantity: str, trainer: _Trainer) -> None
         return
     saved = f"epoch {trainer.epoch}" if trainer.epoch > 0 else "the state before training"
     raise TrainingError(
-        f"training diverged: {quantity} contains NaN or inf; {LAST_CHECKPOINT} still holds {saved}. "
+        f"training diverged: {quantity} contains NaN or inf; {LAST_CHECKPOINT} still contains {saved}. "
         f"Start again in a new --run-dir with a lower --lr than {trainer.optimizer.param_groups[0]['initial_lr']:g}"
     )
 

@@ -41,7 +41,7 @@ from agents.evaluation import evaluate_policy
 from agents.policy import PolicyConfig, PolicyNetwork, controlled_mask, image_statistics, threshold_policy
 from agents.runs import BEST_CHECKPOINT, LAST_CHECKPOINT, RunDirectory, capture_rng_state, restore_rng_state
 from blockdrop_env.data import ImageDataset, check_same_classes, load_dataset
-from blockdrop_env.errors import ConfigError
+from blockdrop_env.errors import CheckpointError, ConfigError, TrainingError
 from blockdrop_env.resnet import BlockDropResNet
 from blockdrop_env.rewards import DEFAULT_PENALTY, BlockUsageReward, RewardFunction
 from blockdrop_env.vector_env import BlockDropVectorEnv
@@ -51,7 +51,7 @@ EpochCallback = Callable[[int, Mapping[str, float]], None]
 
 SELECTION_METRIC = "test/reward"
 # Options that may change when a run is resumed; any other difference is an error.
-RESUMABLE_CHANGES = ("epochs", "device")
+RESUMABLE_CHANGES = ("epochs", "device", "run_dir")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,9 +159,11 @@ def _option(default: Any, help_text: str) -> Any:
 class TrainConfig:
     """Configuration of ``blockdrop train``: curriculum REINFORCE on a frozen ResNet."""
 
-    resnet: str = _option("", "ResNet checkpoint whose blocks the agent learns to drop.")
-    dataset: str = _option("imagefolder", "Dataset format.")
-    data_dir: str = _option("", "Dataset root with the train and test splits.")
+    resnet: str = _option(
+        "", "ResNet checkpoint whose blocks the agent learns to drop; default: the shipped ResNet-32 for shapes."
+    )
+    dataset: str = _option("shapes", "Dataset: shapes (built in, no files), imagefolder, cifar10 or cifar100.")
+    data_dir: str = _option("", "Dataset root with the train and test splits; not used by shapes.")
     run_dir: str = _option("", "Directory for config, metrics, TensorBoard events and checkpoints.")
     epochs: int = _option(100, "Total epochs, curriculum stages included.")
     batch_size: int = _option(256, "Images per step (the vector env's num_envs); also the test batch size.")
@@ -171,8 +173,8 @@ class TrainConfig:
     penalty: float = _option(DEFAULT_PENALTY, "Reward of a wrong prediction is -penalty (>= 0).")
     epochs_per_stage: int = _option(1, "Epochs per curriculum stage; 0 controls all blocks from the start.")
     blocks_per_stage: int = _option(1, "Blocks the agent gains at each curriculum stage.")
-    max_train_images: int | None = _option(None, "Use only the first N training images.")
-    max_test_images: int | None = _option(None, "Evaluate on only the first N test images.")
+    max_train_images: int | None = _option(None, "Train on a fixed random subset of N training images.")
+    max_test_images: int | None = _option(None, "Evaluate on a fixed random subset of N test images.")
     augment: bool = _option(False, "Random crop and horizontal flip of training images.")
     policy_input_size: int | None = _option(None, "Policy input side; default 32 for images up to 64 px, else 112.")
     device: str = _option("cpu", "Where both networks run.")
@@ -310,6 +312,9 @@ class EpochTrainer:
         on_epoch: Called after each epoch's checkpoint.
     """
 
+    lr_options = "--lr"
+    """Options that set the learning rates, named when training diverges."""
+
     def __init__(
         self,
         config: Any,
@@ -335,6 +340,8 @@ class EpochTrainer:
         self.run = RunDirectory(config.run_dir)
         self.best_score = -math.inf
         self.steps_per_epoch = max(1, math.ceil(len(env.dataset) / env.num_envs))
+        self._position = "the start of training"
+        self._saved_epoch: int | None = None
 
     # -- steps that subclasses implement ----------------------------------------------------
 
@@ -391,7 +398,8 @@ class EpochTrainer:
             disable=not self.progress,
             leave=False,
         )
-        for _ in bar:
+        for step in bar:
+            self._position = f"epoch {epoch + 1}, step {step + 1} of {self.steps_per_epoch}"
             self.train_step(stats)
             bar.set_postfix(stats.running(), refresh=False)
         bar.close()
@@ -425,7 +433,27 @@ class EpochTrainer:
 
     # -- checkpoints and resume -------------------------------------------------------------------
 
+    def check_finite(self, quantity: str, value: torch.Tensor) -> None:
+        """Stop training when ``value`` contains NaN or inf, before anything is saved.
+
+        Raises:
+            TrainingError: naming the epoch and step, the quantity, the last saved epoch and the fix.
+        """
+        if bool(torch.isfinite(value).all()):
+            return
+        saved = "no checkpoint was written yet"
+        if self._saved_epoch is not None:
+            saved = f"{LAST_CHECKPOINT} still contains epoch {self._saved_epoch + 1}"
+        raise TrainingError(
+            f"training diverged at {self._position}: {quantity} contains NaN or inf; {saved}. "
+            f"Start again in a new --run-dir with a lower {self.lr_options}"
+        )
+
     def _save_checkpoints(self, epoch: int, num_controlled: int, metrics: Mapping[str, float]) -> None:
+        self._position = f"the end of epoch {epoch + 1}"
+        for parameter in (p for group in self.optimizer.param_groups for p in group["params"]):
+            self.check_finite("a trained weight", parameter.detach())
+        self.check_finite("the epoch's metrics", torch.tensor(list(metrics.values()), dtype=torch.float64))
         score = metrics[SELECTION_METRIC]
         if score > self.best_score:
             self.best_score = score
@@ -436,6 +464,7 @@ class EpochTrainer:
             "best_score": self.best_score,
         }
         self.run.save_checkpoint(self._agent_state(epoch, num_controlled, metrics, training), LAST_CHECKPOINT)
+        self._saved_epoch = epoch
 
     def _agent_state(
         self, epoch: int, num_controlled: int, metrics: Mapping[str, float], training: dict[str, Any] | None
@@ -462,15 +491,23 @@ class EpochTrainer:
 
     def _resume(self) -> int:
         check_resumable(self.run.read_config(), asdict(self.config))
-        state = self.run.load_checkpoint(LAST_CHECKPOINT)
-        training = state["training"]
-        self.policy.load_state_dict(state["policy"])
-        self.optimizer.load_state_dict(training["optimizer"])
-        self.best_score = float(training["best_score"])
-        restore_rng_state(training["rng"])
-        epoch = int(state["epoch"])
+        state = self.run.load_checkpoint(LAST_CHECKPOINT, required_keys=("policy", "epoch", "training"))
+        try:
+            training = state["training"]
+            self.policy.load_state_dict(state["policy"])
+            self.optimizer.load_state_dict(training["optimizer"])
+            self.best_score = float(training["best_score"])
+            restore_rng_state(training["rng"])
+            epoch = int(state["epoch"])
+        except (KeyError, RuntimeError, TypeError, ValueError) as error:
+            reason = " ".join(str(error).split())[:200]
+            raise CheckpointError(
+                f"checkpoint {self.run.path / LAST_CHECKPOINT} does not fit this run ({type(error).__name__}: "
+                f"{reason}); restore the run's own {LAST_CHECKPOINT} from a copy, or start a new --run-dir"
+            ) from None
+        self._saved_epoch = epoch
         self.run.truncate_metrics(epoch)
-        # The saved config keeps the run's history; a changed epoch count or device is allowed.
+        # The saved config keeps the run's history; the fields in RESUMABLE_CHANGES may differ.
         self.run.write_config(self.config)
         return epoch + 1
 
@@ -529,6 +566,11 @@ class CurriculumTrainer(EpochTrainer):
         policy = build_policy(model.num_blocks, train_data, config.policy_input_size).to(device)
         # lr 1e-3 is the default of the release's curriculum script; its fine-tuning uses 1e-4.
         optimizer = torch.optim.Adam(policy.parameters(), lr=config.lr)
+        if config.blocks_per_stage > model.num_blocks:
+            raise ConfigError(
+                f"blocks_per_stage (--blocks-per-stage) must be at most the ResNet's {model.num_blocks} "
+                f"blocks, got {config.blocks_per_stage}; pass 1 to {model.num_blocks}"
+            )
         schedule = CurriculumSchedule(model.num_blocks, config.blocks_per_stage, config.epochs_per_stage)
         warn_short_curriculum(schedule, config.epochs)
         super().__init__(
@@ -541,6 +583,7 @@ class CurriculumTrainer(EpochTrainer):
         images = self.env.current_images
         mask = controlled_mask(self.env.num_blocks, self.env.num_controlled, images.device)
         probs = self.policy(images)
+        self.check_finite("the keep-probability tensor", probs.detach())
         actions = sample_actions(probs, config.alpha, mask)
 
         baseline = self.env.score_actions(threshold_policy(probs.detach(), mask)).rewards
@@ -548,6 +591,7 @@ class CurriculumTrainer(EpochTrainer):
         advantages = torch.as_tensor(rewards, dtype=torch.float32, device=images.device) - baseline
 
         loss = policy_gradient_loss(probs, actions, advantages, mask, config.alpha, config.beta)
+        self.check_finite("loss/total", loss.total.detach())
         self.optimizer.zero_grad(set_to_none=True)
         loss.total.backward()
         self.optimizer.step()
@@ -589,20 +633,16 @@ def warn_short_curriculum(schedule: CurriculumSchedule, epochs: int) -> None:
 def load_splits(
     dataset: str, data_dir: str | Path, max_train_images: int | None, max_test_images: int | None
 ) -> tuple[ImageDataset, ImageDataset]:
-    """Load the train and test splits, each cut to its first N images when N is given.
+    """Load the train and test splits, each cut to a fixed random subset of N images when N is given.
 
     Raises:
         ConfigError: if the dataset name is unknown.
         DatasetError: if the files are missing or the splits' classes differ.
     """
-    train_data = load_dataset(dataset, data_dir, "train")
-    test_data = load_dataset(dataset, data_dir, "test")
+    train_data = load_dataset(dataset, data_dir or None, "train")
+    test_data = load_dataset(dataset, data_dir or None, "test")
     check_same_classes(train_data, test_data)
-    if max_train_images is not None:
-        train_data = train_data.head(max_train_images)
-    if max_test_images is not None:
-        test_data = test_data.head(max_test_images)
-    return train_data, test_data
+    return train_data.sample(max_train_images), test_data.sample(max_test_images)
 
 
 def train(
@@ -622,9 +662,12 @@ def train(
     Raises:
         BlockDropError: on a missing or invalid checkpoint, dataset or option.
     """
-    from blockdrop_env.checkpoints import load_resnet
+    from blockdrop_env.checkpoints import check_dataset_classes, load_resnet
 
-    loaded = load_resnet(config.resnet)
+    from blockdrop_env.registration import SHAPES_CHECKPOINT
+
+    loaded = load_resnet(config.resnet or SHAPES_CHECKPOINT)
     train_data, test_data = load_splits(config.dataset, config.data_dir, config.max_train_images, config.max_test_images)
+    check_dataset_classes(loaded, train_data.num_classes, train_data.name)
     trainer = CurriculumTrainer(config, loaded.model, train_data, test_data, progress=progress, on_epoch=on_epoch)
     return trainer.fit(resume=resume)

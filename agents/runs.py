@@ -18,20 +18,23 @@ import dataclasses
 import json
 import os
 import random
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from blockdrop_env.checkpoints import atomic_torch_save
+from blockdrop_env.checkpoints import atomic_torch_save, read_checkpoint
 from blockdrop_env.errors import CheckpointError, ConfigError
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 LAST_CHECKPOINT = "last.pt"
 BEST_CHECKPOINT = "best.pt"
+# Names of the temporary files of atomic_torch_save and atomic_write_text.
+_STALE_TEMPORARY = re.compile(r"^\..+\.([0-9a-f]{32}\.tmp|tmp-\d+)$")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -162,24 +165,47 @@ class RunDirectory:
     # -- checkpoints ---------------------------------------------------------------------------
 
     def save_checkpoint(self, state: Mapping[str, Any], name: str = LAST_CHECKPOINT) -> Path:
-        """Write a checkpoint atomically and return its path."""
+        """Write a checkpoint atomically and return its path.
+
+        Also deletes temporary files that a process killed while writing left in the directory.
+        """
         path = self.path / name
         atomic_torch_save(dict(state), path)
+        self._remove_stale_temporaries()
         return path
+
+    def _remove_stale_temporaries(self) -> None:
+        # A run directory has one writer and its writes are sequential, so no temporary file
+        # is in use when a save has just finished.
+        for temporary in self.path.iterdir():
+            if _STALE_TEMPORARY.match(temporary.name) and temporary.is_file():
+                temporary.unlink(missing_ok=True)
 
     def has_checkpoint(self, name: str = LAST_CHECKPOINT) -> bool:
         """Whether the checkpoint file exists."""
         return (self.path / name).is_file()
 
-    def load_checkpoint(self, name: str = LAST_CHECKPOINT) -> dict[str, Any]:
-        """Load a checkpoint with ``weights_only=True``."""
+    def load_checkpoint(self, name: str = LAST_CHECKPOINT, required_keys: Sequence[str] = ()) -> dict[str, Any]:
+        """Load a checkpoint with ``weights_only=True``.
+
+        Args:
+            name: File name inside the run directory.
+            required_keys: Keys the checkpoint dict must contain.
+
+        Raises:
+            CheckpointError: if the file is missing, unreadable, contains pickled Python
+                objects, or is not a dict with ``required_keys``.
+        """
         path = self.path / name
         if not path.is_file():
             raise CheckpointError(f"checkpoint {path} not found; start the run without --resume")
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # torch raises several types for unreadable files
+        state = read_checkpoint(path)
+        missing = [key for key in required_keys if not isinstance(state, dict) or key not in state]
+        if missing:
+            found = sorted(map(str, state)) if isinstance(state, dict) else type(state).__name__
             raise CheckpointError(
-                f"checkpoint {path} could not be read ({type(error).__name__}: {error}); "
-                "delete it to restart, or restore it from a copy"
-            ) from None
+                f"checkpoint {path} is not a checkpoint of this run: expected keys "
+                f"{list(required_keys)}, found {found}; restore the run's own {name} from a copy, "
+                "or start a new --run-dir"
+            )
+        return state

@@ -8,6 +8,8 @@ that keep each block with probability 0.5:
 * the single env's ``step`` time against a bare forward of one image with the same policy;
 * the Stable-Baselines3 adapter against the native vector env it wraps.
 
+The throughput runs are timed in interleaved rounds and compared by their medians.
+
 Usage::
 
     python benchmarks/bench_env.py --out benchmarks/results/env.json
@@ -16,11 +18,10 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +34,11 @@ from blockdrop_env.env import BlockDropEnv
 from blockdrop_env.resnet import BlockDropResNet, build_resnet
 from blockdrop_env.sb3 import SB3VecEnvAdapter
 from blockdrop_env.vector_env import BlockDropVectorEnv
+from common import machine_info, medians, target, time_call, time_interleaved, write_json
 
 TARGET_VECTOR_OVER_SINGLE = 20.0
 TARGET_STEP_OVER_FORWARD = 1.15
+TARGET_ADAPTER_OVERHEAD = 1.05
 
 
 def parse_args() -> argparse.Namespace:
@@ -43,11 +46,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/env.json"))
     parser.add_argument("--depth", type=int, default=32, help="CIFAR ResNet depth (6n+2)")
     parser.add_argument("--num-envs", type=int, default=256, help="images per vector-env step")
-    parser.add_argument("--vector-steps", type=int, default=4, help="timed steps per repeat")
-    parser.add_argument("--single-images", type=int, default=256, help="images for the single-env loop")
-    parser.add_argument("--sync-steps", type=int, default=2, help="timed SyncVectorEnv steps")
+    parser.add_argument("--vector-steps", type=int, default=4, help="vector-env steps per timed call")
+    parser.add_argument("--single-images", type=int, default=256, help="images per timed single-env loop")
+    parser.add_argument("--sync-steps", type=int, default=1, help="SyncVectorEnv steps per timed call")
     parser.add_argument("--pairs", type=int, default=200, help="single-env steps timed against bare forwards")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of each throughput run; the best is kept")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the throughput runs; medians are kept")
+    parser.add_argument("--quick", action="store_true", help="tiny network and batches (smoke test)")
     parser.add_argument("--num-images", type=int, default=2048, help="size of the random dataset")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
@@ -63,40 +67,48 @@ def make_setup(depth: int, num_images: int, seed: int) -> tuple[BlockDropResNet,
     return model, ImageDataset(images, labels, [str(i) for i in range(10)], "random")
 
 
-def time_vector(envs: BlockDropVectorEnv, steps: int, rng: np.random.Generator) -> float:
+def vector_call(envs: BlockDropVectorEnv, steps: int, rng: np.random.Generator) -> Callable[[], object]:
+    """Call that runs ``steps`` vector-env steps with random actions."""
     shape = (envs.num_envs, envs.num_blocks)
-    actions = [rng.random(shape) < 0.5 for _ in range(steps)]
-    start = time.perf_counter()
-    for action in actions:
-        envs.step(action)
-    return time.perf_counter() - start
+
+    def call() -> None:
+        for _ in range(steps):
+            envs.step(rng.random(shape) < 0.5)
+
+    return call
 
 
-def time_adapter(adapter: SB3VecEnvAdapter, steps: int, rng: np.random.Generator) -> float:
+def adapter_call(adapter: SB3VecEnvAdapter, steps: int, rng: np.random.Generator) -> Callable[[], object]:
+    """Call that runs ``steps`` SB3 adapter steps with random float actions, as SB3 passes them."""
     shape = (adapter.num_envs, adapter.env.num_blocks)
-    actions = [(rng.random(shape) < 0.5).astype(np.float32) for _ in range(steps)]
-    start = time.perf_counter()
-    for action in actions:
-        adapter.step(action)
-    return time.perf_counter() - start
+
+    def call() -> None:
+        for _ in range(steps):
+            adapter.step((rng.random(shape) < 0.5).astype(np.float32))
+
+    return call
 
 
-def time_single_loop(env: BlockDropEnv, count: int, rng: np.random.Generator) -> float:
-    actions = rng.random((count, env.num_blocks)) < 0.5
-    start = time.perf_counter()
-    for action in actions:
-        env.reset()
-        env.step(action)
-    return time.perf_counter() - start
+def single_loop_call(env: BlockDropEnv, count: int, rng: np.random.Generator) -> Callable[[], object]:
+    """Call that runs ``count`` one-step episodes of the single env in a Python loop."""
+
+    def call() -> None:
+        for action in rng.random((count, env.num_blocks)) < 0.5:
+            env.reset()
+            env.step(action)
+
+    return call
 
 
-def time_sync(envs: gym.vector.SyncVectorEnv, steps: int, rng: np.random.Generator) -> float:
+def sync_call(envs: gym.vector.SyncVectorEnv, steps: int, rng: np.random.Generator) -> Callable[[], object]:
+    """Call that runs ``steps`` steps of Gymnasium's SyncVectorEnv of single envs."""
     shape = envs.action_space.shape
-    actions = [(rng.random(shape) < 0.5).astype(np.int8) for _ in range(steps)]
-    start = time.perf_counter()
-    for action in actions:
-        envs.step(action)
-    return time.perf_counter() - start
+
+    def call() -> None:
+        for _ in range(steps):
+            envs.step((rng.random(shape) < 0.5).astype(np.int8))
+
+    return call
 
 
 def step_versus_forward(env: BlockDropEnv, pairs: int, rng: np.random.Generator) -> dict[str, float]:
@@ -108,17 +120,10 @@ def step_versus_forward(env: BlockDropEnv, pairs: int, rng: np.random.Generator)
         env.reset()
         image = env.current_image[None]
         policy = torch.from_numpy(action[None])
-        start = time.perf_counter()
-        env.step(action)
-        step_times.append(time.perf_counter() - start)
-        start = time.perf_counter()
+        step_times.append(time_call(lambda: env.step(action)))
         with torch.inference_mode():
-            model(model.preprocess(image), policy, mode="sparse").argmax(1)
-        sparse_times.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        with torch.inference_mode():
-            model(model.preprocess(image), mode="full").argmax(1)
-        full_times.append(time.perf_counter() - start)
+            sparse_times.append(time_call(lambda: model(model.preprocess(image), policy, mode="sparse").argmax(1)))
+            full_times.append(time_call(lambda: model(model.preprocess(image), mode="full").argmax(1)))
     step = statistics.median(step_times)
     sparse = statistics.median(sparse_times)
     full = statistics.median(full_times)
@@ -131,11 +136,10 @@ def step_versus_forward(env: BlockDropEnv, pairs: int, rng: np.random.Generator)
     }
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def build_envs(args: argparse.Namespace) -> tuple[BlockDropVectorEnv, SB3VecEnvAdapter, BlockDropEnv, gym.vector.SyncVectorEnv]:
+    """The native vector env, the SB3 adapter around a second one, a single env and a SyncVectorEnv."""
     model, dataset = make_setup(args.depth, args.num_images, args.seed)
-    rng = np.random.default_rng(args.seed)
     n = args.num_envs
-
     vector = BlockDropVectorEnv(model, dataset, n, device=args.device)
     vector.reset(seed=args.seed)
     adapter = SB3VecEnvAdapter(BlockDropVectorEnv(model, dataset, n, device=args.device))
@@ -143,67 +147,66 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     adapter.reset()
     single = BlockDropEnv(model, dataset, device=args.device)
     single.reset(seed=args.seed)
-    time_vector(vector, 1, rng)
-    time_adapter(adapter, 1, rng)
-    time_single_loop(single, 8, rng)
-
-    # Interleaved repeats, so a burst of load from other processes hits every variant alike.
-    vector_rates, adapter_rates, single_rates = [], [], []
-    for _ in range(args.repeats):
-        vector_rates.append(n * args.vector_steps / time_vector(vector, args.vector_steps, rng))
-        adapter_rates.append(n * args.vector_steps / time_adapter(adapter, args.vector_steps, rng))
-        single_rates.append(args.single_images / time_single_loop(single, args.single_images, rng))
-    vector_rate, adapter_rate, single_rate = max(vector_rates), max(adapter_rates), max(single_rates)
-
     sync = gym.vector.SyncVectorEnv(
         [lambda: BlockDropEnv(model, dataset, device=args.device) for _ in range(n)],
         autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
     )
     sync.reset(seed=args.seed)
-    sync_rate = n * args.sync_steps / time_sync(sync, args.sync_steps, rng)
+    return vector, adapter, single, sync
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    vector, adapter, single, sync = build_envs(args)
+    rng = np.random.default_rng(args.seed)
+    n = args.num_envs
+    images_per_call = {
+        "native_vector_env": n * args.vector_steps,
+        "sb3_adapter": n * args.vector_steps,
+        "single_env_loop": args.single_images,
+        "sync_vector_env": n * args.sync_steps,
+    }
+    configs = {
+        "native_vector_env": vector_call(vector, args.vector_steps, rng),
+        "sb3_adapter": adapter_call(adapter, args.vector_steps, rng),
+        "single_env_loop": single_loop_call(single, args.single_images, rng),
+        "sync_vector_env": sync_call(sync, args.sync_steps, rng),
+    }
+    median = medians(time_interleaved(configs, args.rounds))
+    rates = {name: images_per_call[name] / seconds for name, seconds in median.items()}
+    vector_rate = rates["native_vector_env"]
 
     latency = step_versus_forward(single, args.pairs, rng)
+    ratios = {
+        "vector_over_single_loop": vector_rate / rates["single_env_loop"],
+        "vector_over_sync_vector_env": vector_rate / rates["sync_vector_env"],
+        "sb3_adapter_time_over_native": vector_rate / rates["sb3_adapter"],
+        **{k: v for k, v in latency.items() if "_over_" in k},
+    }
     return {
-        "images_per_second": {
-            "native_vector_env": vector_rate,
-            "single_env_loop": single_rate,
-            "sync_vector_env": sync_rate,
-            "sb3_adapter": adapter_rate,
-        },
-        "ratios": {
-            "vector_over_single_loop": vector_rate / single_rate,
-            "vector_over_sync_vector_env": vector_rate / sync_rate,
-            "sb3_adapter_time_over_native": vector_rate / adapter_rate,
-            **{k: v for k, v in latency.items() if "_over_" in k},
-        },
+        "images_per_second": rates,
+        "ratios": ratios,
         "single_env_latency_ms": {k: v for k, v in latency.items() if k.endswith("_ms")},
-        "targets": {
-            "vector_over_single_loop": f">= {TARGET_VECTOR_OVER_SINGLE}",
-            "step_over_same_policy_forward": f"<= {TARGET_STEP_OVER_FORWARD}",
-        },
-        "targets_met": {
-            "vector_over_single_loop": vector_rate / single_rate >= TARGET_VECTOR_OVER_SINGLE,
-            "step_over_same_policy_forward": latency["step_over_same_policy_forward"]
-            <= TARGET_STEP_OVER_FORWARD,
-        },
+        "targets": [
+            target("vector_over_single_loop", ratios["vector_over_single_loop"], TARGET_VECTOR_OVER_SINGLE, ">=",
+                   f"native vector env images/s over a single-env loop, N={n}"),
+            target("sb3_adapter_time_over_native", ratios["sb3_adapter_time_over_native"], TARGET_ADAPTER_OVERHEAD,
+                   "<=", f"SB3 adapter step time / native vector env step time, N={n}"),
+            target("step_over_same_policy_forward", ratios["step_over_same_policy_forward"], TARGET_STEP_OVER_FORWARD,
+                   "<=", "single-env step time / bare batch-1 forward with the same policy"),
+        ],
     }
 
 
 def describe_setup(args: argparse.Namespace) -> dict[str, Any]:
     return {
+        **machine_info(),
+        "quick": args.quick,
         "model": f"cifar_resnet{args.depth}, random weights, 10 classes",
         "data": f"{args.num_images} random uint8 images 3x32x32",
         "actions": "each block kept with probability 0.5",
         "num_envs": args.num_envs,
         "device": args.device,
-        "torch_num_threads": torch.get_num_threads(),
-        "torch_num_interop_threads": torch.get_num_interop_threads(),
-        "cpu_count": os.cpu_count(),
-        "load_average_at_start": list(os.getloadavg()),
-        "torch": torch.__version__,
         "gymnasium": gym.__version__,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
         "arguments": {k: str(v) for k, v in vars(args).items()},
     }
 
@@ -228,17 +231,17 @@ def print_summary(results: dict[str, Any]) -> None:
 
 def main() -> None:
     args = parse_args()
+    if args.quick:
+        args.depth, args.num_envs, args.vector_steps = 8, 8, 1
+        args.single_images, args.pairs, args.rounds, args.num_images = 8, 3, 2, 64
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    setup = describe_setup(args)
     start = time.perf_counter()
-    results = {"setup": setup, **run(args)}
+    results = {"benchmark": "env", "setup": describe_setup(args), **run(args)}
     results["setup"]["load_average_at_end"] = list(os.getloadavg())
     results["setup"]["wall_seconds"] = time.perf_counter() - start
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_json(args.out, results)
     print_summary(results)
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

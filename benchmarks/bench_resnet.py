@@ -10,32 +10,17 @@ shared machine affects them alike. Speed-ups are ratios of median times within o
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from blockdrop_env.resnet import BlockDropResNet, build_resnet
+from common import finish, keep_exactly, machine_info, medians, target, time_interleaved, write_json
 
 TARGETS = {"half_kept_batch256": 2.0, "half_kept_batch1": 1.7}
-
-
-def time_call(fn: Callable[[], object]) -> float:
-    """Seconds taken by one call."""
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def random_half_policy(batch_size: int, num_blocks: int, generator: torch.Generator) -> torch.Tensor:
-    """Each sample keeps a random half of the blocks (exactly K // 2 of them)."""
-    scores = torch.rand(batch_size, num_blocks, generator=generator)
-    ranks = scores.argsort(dim=1).argsort(dim=1)
-    return ranks < num_blocks // 2
 
 
 def measure_batch(model: BlockDropResNet, batch_size: int, rounds: int, seed: int) -> dict[str, object]:
@@ -45,21 +30,15 @@ def measure_batch(model: BlockDropResNet, batch_size: int, rounds: int, seed: in
     num_blocks = model.num_blocks
     ones = torch.ones(batch_size, num_blocks, dtype=torch.bool)
     zeros = torch.zeros(batch_size, num_blocks, dtype=torch.bool)
-    half = random_half_policy(batch_size, num_blocks, generator)
+    half = keep_exactly(batch_size, num_blocks, num_blocks // 2, generator)
     configs: dict[str, Callable[[], object]] = {
         "all_kept_sparse": lambda: model(x, ones, mode="sparse"),
         "half_kept_sparse": lambda: model(x, half, mode="sparse"),
         "half_kept_masked": lambda: model(x, half, mode="masked"),
         "none_kept_sparse": lambda: model(x, zeros, mode="sparse"),
     }
-    times: dict[str, list[float]] = {name: [] for name in configs}
     with torch.inference_mode():
-        for fn in configs.values():
-            fn()  # warm-up
-        for _ in range(rounds):
-            for name, fn in configs.items():
-                times[name].append(time_call(fn))
-    median = {name: statistics.median(values) for name, values in times.items()}
+        median = medians(time_interleaved(configs, rounds))
     kept_flops = model.policy_flops(half).mean().item() / model.flops_table.total
     return {
         "batch_size": batch_size,
@@ -80,48 +59,40 @@ def main() -> None:
     parser.add_argument("--rounds-batch256", type=int, default=15)
     parser.add_argument("--rounds-batch1", type=int, default=300)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads; default: torch's own")
+    parser.add_argument("--quick", action="store_true", help="tiny network and batch (smoke test)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    large_batch = 8 if args.quick else 256
+    if args.quick:
+        args.arch, args.rounds_batch256, args.rounds_batch1 = "cifar_resnet8", 2, 2
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    started = time.perf_counter()
     torch.manual_seed(args.seed)
     model = build_resnet(args.arch, 10).eval()
-    results = {
-        "arch": args.arch,
-        "num_blocks": model.num_blocks,
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-        "cpu_count": torch.multiprocessing.cpu_count(),
-        "batch256": measure_batch(model, 256, args.rounds_batch256, args.seed),
+    results: dict[str, Any] = {
+        "benchmark": "resnet",
+        "setup": {**machine_info(), "quick": args.quick, "arch": args.arch, "num_blocks": model.num_blocks},
+        "batch256": measure_batch(model, large_batch, args.rounds_batch256, args.seed),
         "batch1": measure_batch(model, 1, args.rounds_batch1, args.seed),
     }
-    results["targets"] = {
-        "half_kept_batch256": {
-            "target": TARGETS["half_kept_batch256"],
-            "measured": results["batch256"]["speedup_half_vs_all"],
-        },
-        "half_kept_batch1": {
-            "target": TARGETS["half_kept_batch1"],
-            "measured": results["batch1"]["speedup_half_vs_all"],
-        },
-    }
-    for entry in results["targets"].values():
-        entry["met"] = entry["measured"] >= entry["target"]
-
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    for name, entry in results["targets"].items():
+    results["targets"] = [
+        target("half_kept_batch256", results["batch256"]["speedup_half_vs_all"], TARGETS["half_kept_batch256"], ">=",
+               f"{args.arch}, half kept, batch {large_batch}: all-kept time / half-kept time"),
+        target("half_kept_batch1", results["batch1"]["speedup_half_vs_all"], TARGETS["half_kept_batch1"], ">=",
+               f"{args.arch}, half kept, batch 1: all-kept time / half-kept time"),
+    ]
+    write_json(args.out, finish(results, started))
+    for entry in results["targets"]:
         status = "met" if entry["met"] else "MISSED"
-        print(f"{name}: {entry['measured']:.2f}x (target {entry['target']:.1f}x) {status}")
+        print(f"{entry['name']}: {entry['measured']:.2f}x (target {entry['target']:.1f}x) {status}")
     for key in ("batch256", "batch1"):
         row = results[key]
         print(
             f"{key}: sparse vs masked at half kept {row['speedup_sparse_vs_masked_at_half']:.2f}x, "
             f"none vs all {row['speedup_none_vs_all']:.2f}x, ideal half {row['ideal_speedup_half_vs_all']:.2f}x"
         )
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -332,6 +332,28 @@ def torchvision_pretrained(
     return loaded
 
 
+def check_dataset_classes(loaded: LoadedResNet, num_classes: int, dataset_name: str) -> None:
+    """Check that a loaded network predicts as many classes as a dataset has.
+
+    Args:
+        loaded: The network and the file it came from.
+        num_classes: The dataset's number of classes.
+        dataset_name: The dataset, as named in the message (e.g. ``ImageDataset.name``).
+
+    Raises:
+        CheckpointError: naming the file, both class counts and the fix.
+    """
+    found = loaded.model.num_classes
+    if found == num_classes:
+        return
+    source = str(loaded.path) if loaded.path is not None else "the in-memory checkpoint"
+    raise CheckpointError(
+        f"checkpoint {source} predicts {found} classes, but dataset {dataset_name} has "
+        f"{num_classes} classes; pass a checkpoint trained on these classes (`blockdrop pretrain "
+        "--init RESNET` adapts a ResNet checkpoint to them)"
+    )
+
+
 def normalization_name(normalization: Normalization | None) -> str:
     """Name a normalisation for display: ``imagenet``, ``cifar10``, ``none`` or its values."""
     if normalization is None:
@@ -344,6 +366,22 @@ def normalization_name(normalization: Normalization | None) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Reading files
+
+
+def read_checkpoint(path: str | Path) -> Any:
+    """Load any checkpoint file with ``torch.load(weights_only=True)`` onto the CPU.
+
+    Args:
+        path: The file, e.g. a run directory's last.pt.
+
+    Returns:
+        The object the file stores, made of tensors and plain Python values.
+
+    Raises:
+        CheckpointError: if the file is missing, empty, truncated, not written by ``torch.save``
+            or contains pickled Python objects; the message names the file and what to do.
+    """
+    return _read_checkpoint(Path(path))
 
 
 def _read_checkpoint(path: Path) -> Any:
@@ -417,6 +455,11 @@ def _detect_format(checkpoint: Any, source: str) -> str:
         )
     if checkpoint.get("format") == "blockdrop":
         return "blockdrop"
+    if checkpoint.get("format") == "blockdrop_agent":
+        raise CheckpointError(
+            f"{source} is an agent checkpoint (format 'blockdrop_agent'), expected a ResNet "
+            "checkpoint; pass it as `--checkpoint` to `blockdrop evaluate`, or pass a ResNet file"
+        )
     if isinstance(checkpoint.get("resnet"), Mapping):
         return "blockdrop_release_finetuned"
 

@@ -116,6 +116,24 @@ class ImageDataset:
             factors=self._select_factors(index),
         )
 
+    def sample(self, num_samples: int | None, seed: int = 0) -> ImageDataset:
+        """Take a fixed random subset of ``num_samples`` samples, kept in dataset order.
+
+        Use it instead of :meth:`head` for a representative subset: ImageFolder trees are sorted
+        by class, so their first N images miss whole classes. ``None``, or a count of at least
+        the dataset's size, returns the dataset itself.
+
+        Raises:
+            ConfigError: if ``num_samples`` is negative.
+        """
+        if num_samples is None or num_samples >= len(self):
+            return self
+        if num_samples < 0:
+            raise ConfigError(f"`num_samples` must be >= 0, got {num_samples}")
+        generator = torch.Generator().manual_seed(seed)
+        indices = torch.randperm(len(self), generator=generator)[:num_samples].sort().values
+        return self.subset(indices)
+
     def head(self, num_samples: int) -> ImageDataset:
         """Take the first ``num_samples`` samples (all of them if there are fewer).
 

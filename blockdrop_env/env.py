@@ -107,7 +107,8 @@ def resolve_dataset(dataset: DatasetSource, data_dir: str | Path | None, split: 
     if isinstance(dataset, ImageDataset):
         return dataset
     if isinstance(dataset, str):
-        if data_dir is None:
+        # The built-in shapes set is generated in memory, so it needs no directory.
+        if data_dir is None and dataset != "shapes":
             raise ConfigError(
                 f"`data_dir` is required when `dataset` is a name ({dataset!r}); pass the "
                 "directory that holds the images"
@@ -308,6 +309,13 @@ class BlockDropSimulator:
             images = random_crop_flip(images, rng)
         return images
 
+    def factors_at(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        """The dataset's per-image factors (e.g. ``difficulty``) for ``indices``; empty if it has none."""
+        if not self.dataset.factors:
+            return {}
+        index = torch.from_numpy(np.asarray(indices, dtype=np.int64))
+        return {name: values[index].numpy() for name, values in self.dataset.factors.items()}
+
     def labels_at(self, indices: np.ndarray) -> torch.Tensor:
         """Labels (B,) on the device for dataset ``indices``."""
         return self._labels[torch.from_numpy(np.asarray(indices, dtype=np.int64)).to(self.device)]
@@ -395,7 +403,43 @@ class IndexSampler:
 # The single environment
 
 
-class BlockDropEnv(gym.Env[np.ndarray, np.ndarray]):
+class SimulatorViews:
+    """Read-only views of a :class:`BlockDropSimulator` shared by the single and the vector env."""
+
+    simulator: BlockDropSimulator
+
+    @property
+    def model(self) -> BlockDropResNet:
+        """The ResNet that classifies the images."""
+        return self.simulator.model
+
+    @property
+    def dataset(self) -> ImageDataset:
+        """The images and labels episodes are drawn from."""
+        return self.simulator.dataset
+
+    @property
+    def num_blocks(self) -> int:
+        """K, the number of residual blocks (length of one action)."""
+        return self.simulator.num_blocks
+
+    @property
+    def block_names(self) -> list[str]:
+        """Name of each residual block in action order, e.g. ``layer3.1``."""
+        return list(self.model.block_names)
+
+    @property
+    def num_controlled(self) -> int:
+        """How many trailing blocks the agent controls."""
+        return self.simulator.num_controlled
+
+    @property
+    def device(self) -> torch.device:
+        """Where images live and the forward pass runs."""
+        return self.simulator.device
+
+
+class BlockDropEnv(SimulatorViews, gym.Env[np.ndarray, np.ndarray]):
     """Choose which residual blocks of a frozen ResNet to run for one image.
 
     ## Description
@@ -503,31 +547,6 @@ class BlockDropEnv(gym.Env[np.ndarray, np.ndarray]):
     # -- read-only views for agents --------------------------------------------------------------
 
     @property
-    def model(self) -> BlockDropResNet:
-        """The ResNet that classifies the images."""
-        return self.simulator.model
-
-    @property
-    def dataset(self) -> ImageDataset:
-        """The images and labels episodes are drawn from."""
-        return self.simulator.dataset
-
-    @property
-    def num_blocks(self) -> int:
-        """K, the number of residual blocks (length of an action)."""
-        return self.simulator.num_blocks
-
-    @property
-    def block_names(self) -> list[str]:
-        """Name of each residual block in action order, e.g. ``layer3.1``."""
-        return list(self.model.block_names)
-
-    @property
-    def num_controlled(self) -> int:
-        """How many trailing blocks the agent controls."""
-        return self.simulator.num_controlled
-
-    @property
     def current_image(self) -> torch.Tensor:
         """The current image as a uint8 tensor (3, H, W) on the env device.
 
@@ -574,7 +593,7 @@ class BlockDropEnv(gym.Env[np.ndarray, np.ndarray]):
         # A copy, so an agent that edits its observation cannot change the dataset.
         self._observation = self._image[0].cpu().numpy().copy()
         self._needs_reset = False
-        return self._observation, {"index": index, "label": self._label()}
+        return self._observation, {"index": index, "label": self._label(), **self._factors()}
 
     def step(self, action: ActionLike) -> StepReturn:
         """Classify the current image with the blocks ``action`` keeps and end the episode.
@@ -604,9 +623,13 @@ class BlockDropEnv(gym.Env[np.ndarray, np.ndarray]):
             "flops": float(scores.flops[0]),
             "policy": scores.policy[0].cpu().numpy().astype(np.int8),
             "index": self._index,
+            **self._factors(),
         }
         # A fresh array: Gymnasium requires that step and reset never return shared data.
         return self._observation.copy(), float(scores.rewards[0]), True, False, info
+
+    def _factors(self) -> dict[str, float]:
+        return {name: float(values[0]) for name, values in self.simulator.factors_at(np.array([self._index])).items()}
 
     def score_actions(self, actions: ActionLike) -> ActionScores:
         """Score other actions on the current image without advancing the env or its RNG.

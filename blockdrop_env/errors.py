@@ -22,3 +22,7 @@ class DatasetError(BlockDropError):
 
 class ConfigError(BlockDropError):
     """An argument or option has an invalid value."""
+
+
+class TrainingError(BlockDropError):
+    """Training produced a non-finite loss, probability or weight and was stopped."""

@@ -19,6 +19,7 @@ from blockdrop_env.env import (
     ActionLike,
     ActionScores,
     BlockDropSimulator,
+    SimulatorViews,
     DatasetSource,
     IndexSampler,
     ModelSource,
@@ -44,7 +45,7 @@ PolicyFn: TypeAlias = Callable[[torch.Tensor], ActionLike]
 
 
 @dataclass(frozen=True)
-class EvaluationResult:
+class EvaluationScores:
     """Per-image outcome of one ordered pass over the dataset; tensors on the env device.
 
     Attributes:
@@ -76,7 +77,7 @@ class EvaluationResult:
         return float(self.scores.flops.mean())
 
 
-class BlockDropVectorEnv(VectorEnv):
+class BlockDropVectorEnv(SimulatorViews, VectorEnv):
     """N BlockDrop episodes at once, classified with one block-sparse forward per step.
 
     The semantics of each sub-environment are those of :class:`~blockdrop_env.env.BlockDropEnv`
@@ -166,36 +167,6 @@ class BlockDropVectorEnv(VectorEnv):
         self._indices = np.zeros(0, dtype=np.int64)
 
     # -- read-only views for agents --------------------------------------------------------------
-
-    @property
-    def model(self) -> BlockDropResNet:
-        """The ResNet that classifies the images."""
-        return self.simulator.model
-
-    @property
-    def dataset(self) -> ImageDataset:
-        """The images and labels episodes are drawn from."""
-        return self.simulator.dataset
-
-    @property
-    def num_blocks(self) -> int:
-        """K, the number of residual blocks (columns of an action)."""
-        return self.simulator.num_blocks
-
-    @property
-    def block_names(self) -> list[str]:
-        """Name of each residual block in action order, e.g. ``layer3.1``."""
-        return list(self.model.block_names)
-
-    @property
-    def num_controlled(self) -> int:
-        """How many trailing blocks the agent controls."""
-        return self.simulator.num_controlled
-
-    @property
-    def device(self) -> torch.device:
-        """Where images live and the forward pass runs."""
-        return self.simulator.device
 
     @property
     def current_images(self) -> torch.Tensor:
@@ -300,7 +271,7 @@ class BlockDropVectorEnv(VectorEnv):
         keep = validate_action(actions, (self.num_envs, self.num_blocks), "actions")
         return self.simulator.score(images, labels, keep)
 
-    def evaluate(self, policy_fn: PolicyFn, batch_size: int | None = None) -> EvaluationResult:
+    def evaluate(self, policy_fn: PolicyFn, batch_size: int | None = None) -> EvaluationScores:
         """Run ``policy_fn`` on every image of the dataset once, in order, without augmentation.
 
         The env's current batch, sampler and RNG are left untouched. The last batch contains the
@@ -321,7 +292,7 @@ class BlockDropVectorEnv(VectorEnv):
             raise ConfigError(f"`batch_size` must be a positive integer, got {batch_size!r}")
         parts = [self._evaluate_batch(policy_fn, start, size) for start in range(0, len(self.dataset), size)]
         merged = ActionScores(*(torch.cat(field) for field in zip(*parts)))
-        return EvaluationResult(merged, self.simulator.labels_at(np.arange(len(self.dataset))))
+        return EvaluationScores(merged, self.simulator.labels_at(np.arange(len(self.dataset))))
 
     def close_extras(self, **kwargs: Any) -> None:
         """Release the batch tensors."""
@@ -347,6 +318,9 @@ class BlockDropVectorEnv(VectorEnv):
             "label": self._labels.cpu().numpy(),
             "_label": mask.copy(),
         }
+        for name, values in self.simulator.factors_at(self._indices).items():
+            infos[name] = values
+            infos[f"_{name}"] = mask.copy()
         return self._images.cpu().numpy(), infos
 
     def _step_info(self, scores: ActionScores, labels: torch.Tensor) -> dict[str, np.ndarray]:
@@ -358,6 +332,7 @@ class BlockDropVectorEnv(VectorEnv):
             "flops": scores.flops.cpu().numpy(),
             "policy": scores.policy.cpu().numpy().astype(np.int8),
             "index": self._indices.copy(),
+            **self.simulator.factors_at(self._indices),
         }
         info: dict[str, np.ndarray] = {}
         for key, value in values.items():

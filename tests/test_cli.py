@@ -22,7 +22,7 @@ def tiny_resnet(tmp_path) -> str:
 
 def test_evaluate_json_has_documented_keys(tiny_resnet, image_folder, capsys):
     status, out, _ = run_cli(
-        ["evaluate", "--resnet", tiny_resnet, "--data-dir", str(image_folder), "--policy", "first:2", "--json"],
+        ["evaluate", "--resnet", tiny_resnet, "--dataset", "imagefolder", "--data-dir", str(image_folder), "--policy", "first:2", "--json"],
         capsys,
     )
     assert status == 0
@@ -36,14 +36,14 @@ def test_evaluate_json_has_documented_keys(tiny_resnet, image_folder, capsys):
 
 
 def test_evaluate_prints_table(tiny_resnet, image_folder, capsys):
-    status, out, _ = run_cli(["evaluate", "--resnet", tiny_resnet, "--data-dir", str(image_folder)], capsys)
+    status, out, _ = run_cli(["evaluate", "--resnet", tiny_resnet, "--dataset", "imagefolder", "--data-dir", str(image_folder)], capsys)
     assert status == 0
     assert "accuracy" in out
     assert "blocks          3.00 ± 0.00 of 3" in out
 
 
 def test_evaluate_random_policy_is_seeded(tiny_resnet, image_folder, capsys):
-    args = ["evaluate", "--resnet", tiny_resnet, "--data-dir", str(image_folder), "--policy", "random:0.5", "--json"]
+    args = ["evaluate", "--resnet", tiny_resnet, "--dataset", "imagefolder", "--data-dir", str(image_folder), "--policy", "random:0.5", "--json"]
     first = json.loads(run_cli(args + ["--seed", "1"], capsys)[1])
     second = json.loads(run_cli(args + ["--seed", "1"], capsys)[1])
     assert first == second
@@ -59,11 +59,12 @@ def test_evaluate_random_policy_is_seeded(tiny_resnet, image_folder, capsys):
         (["--num-images", "0"], "'--num-images': must be a positive integer, got 0"),
         (["--split", "val"], "'--split'"),
         (["--dataset", "mnist"], "'--dataset'"),
+        (["--dataset", "cifar10"], "cifar-10-batches-py"),
         (["--device", "tpu"], "'--device'"),
     ],
 )
 def test_evaluate_bad_option_prints_one_line_and_exits_2(tiny_resnet, image_folder, capsys, extra, match):
-    status, out, err = run_cli(["evaluate", "--resnet", tiny_resnet, "--data-dir", str(image_folder), *extra], capsys)
+    status, out, err = run_cli(["evaluate", "--resnet", tiny_resnet, "--dataset", "imagefolder", "--data-dir", str(image_folder), *extra], capsys)
     assert status == 2
     assert out == ""
     assert len(err.strip().splitlines()) == 1
@@ -72,14 +73,14 @@ def test_evaluate_bad_option_prints_one_line_and_exits_2(tiny_resnet, image_fold
 
 
 def test_evaluate_missing_resnet_file_exits_2(image_folder, tmp_path, capsys):
-    status, _, err = run_cli(["evaluate", "--resnet", str(tmp_path / "nope.th"), "--data-dir", str(image_folder)], capsys)
+    status, _, err = run_cli(["evaluate", "--resnet", str(tmp_path / "nope.th"), "--dataset", "imagefolder", "--data-dir", str(image_folder)], capsys)
     assert status == 2
     assert "nope.th" in err
     assert len(err.strip().splitlines()) == 1
 
 
 def test_evaluate_missing_data_dir_exits_2(tiny_resnet, tmp_path, capsys):
-    status, _, err = run_cli(["evaluate", "--resnet", tiny_resnet, "--data-dir", str(tmp_path / "absent")], capsys)
+    status, _, err = run_cli(["evaluate", "--resnet", tiny_resnet, "--dataset", "imagefolder", "--data-dir", str(tmp_path / "absent")], capsys)
     assert status == 2
     assert "absent" in err
     assert len(err.strip().splitlines()) == 1
@@ -88,14 +89,14 @@ def test_evaluate_missing_data_dir_exits_2(tiny_resnet, tmp_path, capsys):
 def test_evaluate_class_count_mismatch_exits_2(tmp_path, image_folder, capsys):
     path = tmp_path / "ten.pt"
     save_resnet(CifarResNet(depth=8, num_classes=10), path)
-    status, _, err = run_cli(["evaluate", "--resnet", str(path), "--data-dir", str(image_folder)], capsys)
+    status, _, err = run_cli(["evaluate", "--resnet", str(path), "--dataset", "imagefolder", "--data-dir", str(image_folder)], capsys)
     assert status == 2
     assert "3 classes" in err
     assert "10" in err
 
 
 def test_evaluate_without_resnet_exits_2(image_folder, capsys):
-    status, _, err = run_cli(["evaluate", "--data-dir", str(image_folder)], capsys)
+    status, _, err = run_cli(["evaluate", "--dataset", "imagefolder", "--data-dir", str(image_folder)], capsys)
     assert status == 2
     assert "pass exactly one of `--checkpoint`" in err
 

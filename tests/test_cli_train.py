@@ -59,7 +59,7 @@ def tiny_setup(tmp_path_factory):
 
 def train_args(setup: Path, run_dir: Path, *extra: str) -> list[str]:
     return [
-        "train", "--resnet", str(setup / "resnet.pt"), "--data-dir", str(setup / "images"),
+        "train", "--resnet", str(setup / "resnet.pt"), "--dataset", "imagefolder", "--data-dir", str(setup / "images"),
         "--run-dir", str(run_dir), "--epochs", "2", "--batch-size", "8", "--quiet", *extra,
     ]
 

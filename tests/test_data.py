@@ -648,3 +648,25 @@ def test_real_cifar10_jpeg_pixels_match_pil(real_test_split: tuple[ImageDataset,
         path, label = reference.samples[i]
         assert torch.equal(dataset.images[i], pil_pixels(path)), path
         assert dataset.labels[i] == label
+
+
+def test_sample_is_fixed_and_spans_classes():
+    labels = torch.arange(3).repeat_interleave(20)
+    images = torch.zeros(60, 3, 4, 4, dtype=torch.uint8)
+    images[:, 0, 0, 0] = torch.arange(60, dtype=torch.uint8)
+    dataset = ImageDataset(images, labels, ["a", "b", "c"], "sorted by class")
+    first = dataset.sample(12, seed=0)
+    second = dataset.sample(12, seed=0)
+    assert len(first) == 12
+    assert torch.equal(first.images, second.images)
+    assert set(first.labels.tolist()) == {0, 1, 2}
+    assert first.images[:, 0, 0, 0].tolist() == sorted(first.images[:, 0, 0, 0].tolist())
+    assert not torch.equal(dataset.sample(12, seed=1).images, first.images)
+    assert dataset.sample(None) is dataset
+    assert dataset.sample(60) is dataset
+
+
+def test_sample_rejects_negative_count():
+    dataset = ImageDataset(torch.zeros(5, 3, 4, 4, dtype=torch.uint8), torch.zeros(5), ["a"], "tiny")
+    with pytest.raises(ConfigError, match="`num_samples` must be >= 0, got -1"):
+        dataset.sample(-1)

@@ -13,7 +13,7 @@ import torch
 from agents.baselines import AllBlocks
 from agents.cli_pretrain import pretrain_command
 from agents.evaluation import evaluate_policy
-from agents.pretrain import PretrainConfig, WarmupCosine, _random_subset, pretrain
+from agents.pretrain import PretrainConfig, WarmupCosine, pretrain
 from blockdrop_env.checkpoints import load_resnet, save_resnet
 from blockdrop_env.data import ImageDataset
 from blockdrop_env.errors import CheckpointError, ConfigError
@@ -322,16 +322,6 @@ def test_schedule_warms_up_linearly_then_decays_to_zero():
 
 def test_schedule_without_warmup_starts_at_peak():
     assert WarmupCosine(total_steps=5, warmup_steps=0)(0) == 1.0
-
-
-def test_random_subset_is_fixed_and_spans_classes(train_data):
-    first = _random_subset(train_data, 12, seed=0)
-    second = _random_subset(train_data, 12, seed=0)
-
-    assert len(first) == 12
-    assert torch.equal(first.images, second.images)
-    assert set(first.labels.tolist()) == {0, 1, 2}
-    assert _random_subset(train_data, None, seed=0) is train_data
 
 
 def test_pretrain_rejects_batch_larger_than_training_set(tmp_path, train_data, test_data):

@@ -118,3 +118,34 @@ def test_make_loads_checkpoint_and_dataset_by_name(monkeypatch, tmp_path):
     )
     assert env.unwrapped.model is model
     assert calls == [("cifar10", tmp_path, "test")]
+
+
+def test_shapes_env_works_offline_without_arguments():
+    from blockdrop_env.registration import SHAPES_CHECKPOINT, SHAPES_ENV_ID
+    from blockdrop_env.shapes import FACTOR_NAMES
+
+    register_envs()
+    assert SHAPES_CHECKPOINT.is_file()
+    env = gym.make(SHAPES_ENV_ID)
+    assert env.action_space.n == 15
+    obs, info = env.reset(seed=0)
+    assert obs.shape == (3, 32, 32)
+    assert obs.dtype == np.uint8
+    for name in FACTOR_NAMES:
+        assert name in info
+    _, _, terminated, _, info = env.step(np.ones(15, dtype=np.int8))
+    assert terminated
+    assert "difficulty" in info
+    assert 0.0 <= info["difficulty"] <= 1.0
+
+
+def test_shapes_vector_env_reports_factors_for_each_image():
+    from blockdrop_env.registration import SHAPES_ENV_ID
+
+    register_envs()
+    env = gym.make_vec(SHAPES_ENV_ID, num_envs=4, vectorization_mode="vector_entry_point", split="test")
+    _, infos = env.reset(seed=0)
+    assert infos["difficulty"].shape == (4,)
+    _, _, _, _, infos = env.step(np.ones((4, 15), dtype=np.int8))
+    assert infos["final_info"]["difficulty"].shape == (4,)
+    assert infos["final_info"]["_difficulty"].all()
