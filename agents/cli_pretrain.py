@@ -14,6 +14,7 @@ import click
 from click.core import ParameterSource
 from tqdm.auto import tqdm
 
+from agents.distributed import distributed_session
 from agents.pretrain import PRECISIONS, PretrainConfig, PretrainResult, pretrain
 from agents.runs import LAST_CHECKPOINT, RunDirectory
 from blockdrop_env.data import DATASET_NAMES
@@ -51,6 +52,7 @@ def _default(name: str) -> Any:
 @click.option("--lr", type=float, default=None, help=_help("lr"))
 @click.option("--weight-decay", type=float, default=_default("weight_decay"), help=_help("weight_decay"))
 @click.option("--warmup-epochs", type=float, default=_default("warmup_epochs"), help=_help("warmup_epochs"))
+@click.option("--stochastic-depth", type=float, default=_default("stochastic_depth"), help=_help("stochastic_depth"))
 @click.option("--no-augment", is_flag=True, help="Train without random crop and flip.")
 @click.option("--max-train-images", type=int, default=None, callback=_positive_int, help=_help("max_train_images"))
 @click.option("--max-test-images", type=int, default=None, callback=_positive_int, help=_help("max_test_images"))
@@ -60,6 +62,7 @@ def _default(name: str) -> Any:
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=_default("device"), help=_help("device"))
 @click.option("--num-threads", type=int, default=None, callback=_positive_int, help=_help("num_threads"))
 @click.option("--seed", type=int, default=_default("seed"), help=_help("seed"))
+@click.option("--sync-bn/--no-sync-bn", default=_default("sync_bn"), help=_help("sync_bn"))
 @click.option("--resume", is_flag=True, help="Continue the run in --run-dir from its last checkpoint.")
 @click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines; print only the summary.")
 @click.pass_context
@@ -75,15 +78,18 @@ def pretrain_command(ctx: click.Context, **options: Any) -> None:
 
     resolve_device(config.device)
 
-    quiet = options["quiet"]
-    result = pretrain(
-        config,
-        run,
-        resume=options["resume"],
-        progress=not quiet,
-        on_epoch_end=None if quiet else _echo_epoch,
-    )
-    click.echo(format_summary(result))
+    # Under torchrun every process trains; rank 0 alone prints.
+    with distributed_session(config.device) as session:
+        quiet = options["quiet"] or not session.is_main
+        result = pretrain(
+            config,
+            run,
+            resume=options["resume"],
+            progress=not quiet,
+            on_epoch_end=None if quiet else _echo_epoch,
+        )
+    if session.is_main:
+        click.echo(format_summary(result))
 
 
 def _config_values(ctx: click.Context, options: Mapping[str, Any], run: RunDirectory) -> dict[str, Any]:

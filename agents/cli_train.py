@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import click
 
+from agents.distributed import distributed_session, reject_default_run_dir
 from agents.finetune import FinetuneConfig
 from agents.finetune import finetune as run_finetuning
 from agents.reinforce import TrainConfig, config_help
@@ -92,8 +93,12 @@ def train(resume: bool, quiet: bool, **options: Any) -> None:
     options = _fill_defaults(options, "train")
     config = TrainConfig(**options)
     _check_resume(config.run_dir, resume)
-    run_training(config, resume=resume, progress=not quiet, on_epoch=None if quiet else _epoch_printer(config.epochs))
-    _print_comparison(config)
+    # Under torchrun every process trains; rank 0 alone prints and writes the report.
+    with distributed_session(config.device) as session:
+        quiet = quiet or not session.is_main
+        run_training(config, resume=resume, progress=not quiet, on_epoch=None if quiet else _epoch_printer(config.epochs))
+    if session.is_main:
+        _print_comparison(config)
 
 
 @click.command(name="finetune")
@@ -103,6 +108,7 @@ def train(resume: bool, quiet: bool, **options: Any) -> None:
 @_option(FinetuneConfig, "penalty", type=float)
 @_option(FinetuneConfig, "dataset", type=click.Choice(DATASETS))
 @_option(FinetuneConfig, "data_dir", type=click.Path(file_okay=False))
+@_option(FinetuneConfig, "sync_bn", "--sync-bn/--no-sync-bn")
 @_common_options(FinetuneConfig)
 def finetune(resume: bool, quiet: bool, **options: Any) -> None:
     """Fine-tune the policy network and the ResNet of a `blockdrop train` run jointly.
@@ -113,14 +119,18 @@ def finetune(resume: bool, quiet: bool, **options: Any) -> None:
     options = _fill_defaults(options, "finetune")
     config = FinetuneConfig(**options)
     _check_resume(config.run_dir, resume)
-    run_finetuning(config, resume=resume, progress=not quiet, on_epoch=None if quiet else _epoch_printer(config.epochs))
-    _print_comparison(config)
+    with distributed_session(config.device) as session:
+        quiet = quiet or not session.is_main
+        run_finetuning(config, resume=resume, progress=not quiet, on_epoch=None if quiet else _epoch_printer(config.epochs))
+    if session.is_main:
+        _print_comparison(config)
 
 
 def _fill_defaults(options: dict[str, Any], command: str) -> dict[str, Any]:
     """Replace options left unset on the command line by the configuration's defaults."""
     filled = {key: value for key, value in options.items() if value is not None}
     if not filled.get("run_dir"):
+        reject_default_run_dir()
         filled["run_dir"] = str(Path("runs") / f"{command}-{datetime.now():%Y%m%d-%H%M%S}")
     return filled
 

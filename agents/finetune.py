@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from agents.agent_checkpoint import load_agent, read_agent_checkpoint, resolve_agent_path
+from agents.distributed import check_sync_bn, local_device, shard_dataset, wrap_ddp
 from agents.policy import PolicyNetwork, controlled_mask, threshold_policy
 from agents.reinforce import (
     CurriculumSchedule,
@@ -61,9 +62,11 @@ class FinetuneConfig:
     augment: bool = _option(True, "Random crop and horizontal flip of training images.")
     device: str = _option("cpu", "Where both networks run.")
     seed: int = _option(0, "Seed of the sampling and the image order.")
+    sync_bn: bool = _option(False, "Under torchrun, normalise BatchNorm over all processes' batches (CUDA only).")
 
     def __post_init__(self) -> None:
         validate_common(self)
+        check_sync_bn(self.sync_bn, self.device)
         _require_float(self.lr_resnet, "lr_resnet", positive=True)
         _require_float(self.lr_policy, "lr_policy", positive=True)
         if not str(self.from_run):
@@ -96,10 +99,10 @@ class JointFinetuner(EpochTrainer):
         progress: bool = False,
         on_epoch: EpochCallback | None = None,
     ) -> None:
-        device = torch.device(config.device)
+        device = local_device(config.device)
         reward = BlockUsageReward(config.penalty)
         env = BlockDropVectorEnv(
-            model, train_data, config.batch_size, reward=reward, augment=config.augment, device=device
+            model, shard_dataset(train_data), config.batch_size, reward=reward, augment=config.augment, device=device
         )
         seed_everything(config.seed)
         policy = policy.to(device)
@@ -116,6 +119,7 @@ class JointFinetuner(EpochTrainer):
         super().__init__(
             config, env, test_data, policy, optimizer, schedule, reward, progress=progress, on_epoch=on_epoch
         )
+        self.train_model = wrap_ddp(env.model, device, sync_bn=config.sync_bn)
 
     def train_step(self, stats: RolloutStats) -> None:
         """Sample, score, step the env, then update the policy and the ResNet together."""
@@ -124,7 +128,7 @@ class JointFinetuner(EpochTrainer):
         images = self.env.current_images
         labels = self.env.current_labels
         mask = controlled_mask(self.env.num_blocks, self.env.num_controlled, images.device)
-        probs = self.policy(images)
+        probs = self.train_policy(images)
         self.check_finite("the keep-probability tensor", probs.detach())
         actions = sample_actions(probs, config.alpha, mask)
 
@@ -139,7 +143,7 @@ class JointFinetuner(EpochTrainer):
         # adapt to the features that dropped blocks produce. Masked mode runs every block on
         # every image, so each BN layer normalises over the whole batch.
         model.train()
-        logits = model(model.preprocess(images), actions, mode="masked")
+        logits = self.train_model(model.preprocess(images), actions, mode="masked")
         cross_entropy = F.cross_entropy(logits, labels)
         loss = policy_gradient_loss(probs, actions, advantages, mask, config.alpha, config.beta)
         self.check_finite("loss/cross_entropy", cross_entropy.detach())

@@ -35,7 +35,20 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from agents.baselines import AllBlocks
-from agents.evaluation import EvaluationResult, evaluate_policy
+from agents.distributed import (
+    barrier,
+    broadcast_buffers,
+    check_sync_bn,
+    evaluate_sharded,
+    is_main_process,
+    local_device,
+    rank_generator,
+    shard_order,
+    sum_over_ranks,
+    world_size,
+    wrap_ddp,
+)
+from agents.evaluation import EvaluationResult
 from agents.runs import BEST_CHECKPOINT, LAST_CHECKPOINT, RunDirectory, capture_rng_state, restore_rng_state
 from blockdrop_env.augment import random_crop_flip
 from blockdrop_env.checkpoints import NORMALIZATION_NAMES, load_resnet, normalization_name, save_resnet
@@ -59,7 +72,7 @@ BEST_MODEL_FILE = "best_model.pt"
 PRECISIONS = ("float32", "bfloat16")
 
 # Settings that change speed but not the numbers, so a resumed run may use other values.
-_RESUMABLE_CHANGES = frozenset({"device", "num_threads"})
+_RESUMABLE_CHANGES = frozenset({"device", "num_threads", "sync_bn"})
 # Offsets of the random streams derived from `seed`, so subset choice and epochs never share one.
 _SUBSET_STREAM = 1_000_003
 
@@ -116,6 +129,13 @@ class PretrainConfig:
         metadata=_doc("Epochs of linear learning-rate warmup before the cosine decay; may be fractional."),
     )
     label_smoothing: float = field(default=0.0, metadata=_doc("Label smoothing of the cross-entropy, in [0, 1)."))
+    stochastic_depth: float = field(
+        default=1.0,
+        metadata=_doc(
+            "Survival probability of the last block under stochastic depth, in (0, 1]; 1 turns it off. "
+            "Below 1 the network learns to work with blocks dropped, which leaves a policy more to drop."
+        ),
+    )
     augment: bool = field(default=True, metadata=_doc("Random crop (zero padding 4) and horizontal flip of training images."))
     max_train_images: int | None = field(
         default=None,
@@ -140,6 +160,10 @@ class PretrainConfig:
     seed: int = field(default=0, metadata=_doc("Seed of the initial weights, the data order and the augmentation."))
     device: str = field(default="cpu", metadata=_doc("Where training runs: cpu or cuda."))
     num_threads: int | None = field(default=None, metadata=_doc("CPU threads for torch; default torch's choice."))
+    sync_bn: bool = field(
+        default=False,
+        metadata=_doc("Under torchrun, normalise BatchNorm over all processes' batches (CUDA only)."),
+    )
 
     def __post_init__(self) -> None:
         self._check_counts()
@@ -174,6 +198,11 @@ class PretrainConfig:
             )
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"`label_smoothing` must be in [0, 1), got {self.label_smoothing!r}")
+        if not 0 < self.stochastic_depth <= 1:
+            raise ConfigError(
+                f"`stochastic_depth` must be a survival probability in (0, 1], got {self.stochastic_depth!r}; "
+                "pass 1 to train without it"
+            )
 
     def _check_names(self) -> None:
         if self.precision not in PRECISIONS:
@@ -192,6 +221,7 @@ class PretrainConfig:
             )
         if self.arch is not None:
             _check_arch(self.arch)
+        check_sync_bn(self.sync_bn, self.device)
 
     def resolved(self, *, arch: str | None, normalization: str | None, num_classes: int | None) -> PretrainConfig:
         """Fill the fields left to the run: architecture, normalisation, class count and lr.
@@ -271,6 +301,12 @@ class _Trainer:
     best_accuracy: float = -math.inf
     best_epoch: int = 0
     head_replaced: bool = False
+    parallel: nn.Module | None = None
+
+    @property
+    def network(self) -> nn.Module:
+        """The module training forwards run through: DistributedDataParallel around ``model`` under torchrun."""
+        return self.model if self.parallel is None else self.parallel
 
     def state_dict(self) -> dict[str, Any]:
         """Checkpoint contents; only tensors and plain values, so they load with weights_only=True."""
@@ -360,7 +396,7 @@ def pretrain(
         # Fail before the data is loaded; settings resolved later are checked again then.
         early = config.resolved(arch=config.arch, normalization=config.normalization, num_classes=config.num_classes)
         _check_resumed_config(run, early)
-    device = torch.device(config.device)
+    device = local_device(config.device)
     if config.num_threads is not None:
         torch.set_num_threads(config.num_threads)
 
@@ -431,9 +467,10 @@ def _prepare_data(
 
     train_data = train_data.sample(config.max_train_images, config.seed)
     test_data = test_data.sample(config.max_test_images, config.seed + 1)
-    if len(train_data) < config.batch_size:
+    if len(train_data) < config.batch_size * world_size():
+        processes = f" for {world_size()} processes" if world_size() > 1 else ""
         raise ConfigError(
-            f"`batch_size` {config.batch_size} exceeds the {len(train_data)} training images; "
+            f"`batch_size` {config.batch_size} exceeds the {len(train_data)} training images{processes}; "
             "pass a smaller --batch-size"
         )
     return train_data, test_data
@@ -528,7 +565,8 @@ def _make_trainer(
         warmup_steps=round(config.warmup_epochs * steps_per_epoch),
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    return _Trainer(model, optimizer, scheduler, head_replaced=head_replaced)
+    parallel = wrap_ddp(model, device, sync_bn=config.sync_bn)
+    return _Trainer(model, optimizer, scheduler, head_replaced=head_replaced, parallel=parallel)
 
 
 def _start(
@@ -591,8 +629,10 @@ def _train_one_epoch(
 ) -> dict[str, float]:
     """Train on every full batch of the training images, in the epoch's own random order."""
     generator = _epoch_generator(config.seed, epoch)
-    order = torch.randperm(len(data), generator=generator)
-    steps = len(data) // config.batch_size
+    order = shard_order(torch.randperm(len(data), generator=generator))
+    # Every rank draws the same permutation; augmentation then draws from the rank's own stream.
+    generator = rank_generator(generator)
+    steps = len(order) // config.batch_size
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     lr = trainer.optimizer.param_groups[0]["lr"]
@@ -606,18 +646,19 @@ def _train_one_epoch(
             images = random_crop_flip(images, generator)
         labels = data.labels[index].to(device, non_blocking=True)
         lr = trainer.optimizer.param_groups[0]["lr"]
-        loss, batch_correct = _train_step(trainer, images.to(device, non_blocking=True), labels, config)
+        loss, batch_correct = _train_step(trainer, images.to(device, non_blocking=True), labels, config, generator)
 
         loss_sum += loss * labels.shape[0]
         correct += batch_correct
-        bar.update(labels.shape[0])
+        bar.update(labels.shape[0] * world_size())
         if step % 10 == 9 or step == steps - 1:
             # Checked only where the loss is read anyway, so a GPU is not synchronised every step.
             _check_finite(loss_sum, f"train/loss of epoch {epoch}, steps {step // 10 * 10 + 1}-{step + 1} of {steps}", trainer)
             seen = (step + 1) * config.batch_size
             bar.set_postfix(epoch=epoch, loss=f"{loss_sum.item() / seen:.4f}", accuracy=f"{correct.item() / seen:.4f}")
 
-    seen = steps * config.batch_size
+    loss_sum, correct = sum_over_ranks(loss_sum, correct)
+    seen = steps * config.batch_size * world_size()
     return {
         "train/loss": loss_sum.item() / seen,
         "train/accuracy": correct.item() / seen,
@@ -634,7 +675,11 @@ def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
 
 
 def _train_step(
-    trainer: _Trainer, images: torch.Tensor, labels: torch.Tensor, config: PretrainConfig
+    trainer: _Trainer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    config: PretrainConfig,
+    generator: torch.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One SGD step on a batch; return the detached mean loss and the number of correct predictions."""
     model = trainer.model
@@ -642,7 +687,11 @@ def _train_step(
     if config.channels_last:
         inputs = inputs.contiguous(memory_format=torch.channels_last)
     with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=config.precision == "bfloat16"):
-        logits = model(inputs)
+        if config.stochastic_depth < 1:
+            policy = stochastic_depth_policy(labels.shape[0], model.num_blocks, config.stochastic_depth, generator)
+            logits = trainer.network(inputs, policy.to(inputs.device), mode="sparse")
+        else:
+            logits = trainer.network(inputs)
     loss = F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing)
 
     trainer.optimizer.zero_grad(set_to_none=True)
@@ -652,14 +701,29 @@ def _train_step(
     return loss.detach(), (logits.detach().argmax(dim=1) == labels).sum()
 
 
+def stochastic_depth_policy(
+    batch_size: int, num_blocks: int, last_survival: float, generator: torch.Generator
+) -> torch.Tensor:
+    """Draw a per-sample keep policy (B, K) with survival probabilities falling linearly to ``last_survival``.
+
+    The linear decay rule of Huang et al., "Deep Networks with Stochastic Depth" (ECCV 2016):
+    block l of K survives with probability 1 - l / K * (1 - last_survival). Unlike that paper, the
+    draw is per sample rather than per batch, and the sparse forward skips dropped blocks entirely.
+    """
+    depth = torch.arange(1, num_blocks + 1, dtype=torch.float64) / num_blocks
+    survival = 1.0 - depth * (1.0 - last_survival)
+    return torch.rand(batch_size, num_blocks, generator=generator, dtype=torch.float64) < survival
+
+
 def _evaluate(
     model: BlockDropResNet, data: ImageDataset, config: PretrainConfig, device: torch.device, progress: bool
 ) -> EvaluationResult:
     """Measure the accuracy with every block executed and BatchNorm in eval mode."""
-    result = evaluate_policy(
+    broadcast_buffers(model)
+    result, _ = evaluate_sharded(
         model, data, AllBlocks(model.num_blocks), batch_size=config.eval_batch_size, device=device, progress=progress
     )
-    return cast(EvaluationResult, result)  # record=False returns the metrics alone
+    return result
 
 
 def _check_finite(value: torch.Tensor, quantity: str, trainer: _Trainer) -> None:
@@ -699,9 +763,11 @@ def _end_epoch(
         trainer.best_epoch = epoch
         # NOTE: the best epoch is chosen on the test split, so best_model.pt's accuracy is an
         # optimistic estimate. model.pt, the last epoch, is not selected on it.
-        save_resnet(trainer.model, run.path / BEST_MODEL_FILE, extra=_model_extra(trainer, epoch, train_data))
+        if is_main_process():
+            save_resnet(trainer.model, run.path / BEST_MODEL_FILE, extra=_model_extra(trainer, epoch, train_data))
         run.save_checkpoint(trainer.state_dict(), BEST_CHECKPOINT)
     run.save_checkpoint(trainer.state_dict(), LAST_CHECKPOINT)
+    barrier()
 
 
 def _model_extra(trainer: _Trainer, epoch: int, train_data: ImageDataset) -> dict[str, Any]:
@@ -721,7 +787,8 @@ def _finish(
 ) -> PretrainResult:
     """Save the final network as model.pt and summarise the run."""
     model_path = run.path / MODEL_FILE
-    save_resnet(trainer.model, model_path, extra=_model_extra(trainer, trainer.epoch, train_data))
+    if is_main_process():
+        save_resnet(trainer.model, model_path, extra=_model_extra(trainer, trainer.epoch, train_data))
     return PretrainResult(
         run_dir=run.path,
         model_path=model_path,

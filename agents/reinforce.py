@@ -26,7 +26,7 @@ import math
 import random
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -37,7 +37,18 @@ from torch.distributions import Bernoulli
 from tqdm.auto import tqdm
 
 from agents.agent_checkpoint import agent_policy_fn, agent_state
-from agents.evaluation import evaluate_policy
+from agents.distributed import (
+    barrier,
+    broadcast_buffers,
+    evaluate_sharded,
+    gather_objects,
+    local_device,
+    max_over_ranks,
+    rank_seed,
+    reseed_torch_per_rank,
+    shard_dataset,
+    wrap_ddp,
+)
 from agents.policy import PolicyConfig, PolicyNetwork, controlled_mask, image_statistics, threshold_policy
 from agents.runs import BEST_CHECKPOINT, LAST_CHECKPOINT, RunDirectory, capture_rng_state, restore_rng_state
 from blockdrop_env.data import ImageDataset, check_same_classes, load_dataset
@@ -50,8 +61,9 @@ EpochCallback = Callable[[int, Mapping[str, float]], None]
 """Called after each epoch with the epoch (from 0) and its metrics."""
 
 SELECTION_METRIC = "test/reward"
-# Options that may change when a run is resumed; any other difference is an error.
-RESUMABLE_CHANGES = ("epochs", "device", "run_dir")
+# Options that may change when a run is resumed; any other difference is an error. The number
+# of processes may change too, and sync_bn only matters with several.
+RESUMABLE_CHANGES = ("epochs", "device", "run_dir", "sync_bn")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,6 +278,19 @@ class RolloutStats:
         for name, value in losses.items():
             self.losses.setdefault(name, []).append(float(value))
 
+    @classmethod
+    def combine(cls, parts: Sequence[RolloutStats]) -> RolloutStats:
+        """Concatenate the steps that several processes recorded, in process order."""
+        if len(parts) == 1:
+            return parts[0]
+        combined = cls()
+        for part in parts:
+            for name in ("rewards", "baselines", "correct", "blocks", "flops", "policies"):
+                getattr(combined, name).extend(getattr(part, name))
+            for name, values in part.losses.items():
+                combined.losses.setdefault(name, []).extend(values)
+        return combined
+
     def running(self) -> dict[str, str]:
         """Live values for the progress bar."""
         return {
@@ -299,6 +324,8 @@ class EpochTrainer:
 
     Each epoch re-seeds the env with ``seed + epoch``, so a resumed run replays the same images
     without saving the env's internals. The torch, NumPy and Python RNG states are saved in last.pt.
+    Under torchrun each rank trains on its shard of the images, and the env and torch's generator
+    are re-seeded per rank from ``seed + epoch`` (see :mod:`agents.distributed`).
 
     Args:
         config: The run's configuration (saved as config.json).
@@ -339,7 +366,9 @@ class EpochTrainer:
         self.on_epoch = on_epoch
         self.run = RunDirectory(config.run_dir)
         self.best_score = -math.inf
-        self.steps_per_epoch = max(1, math.ceil(len(env.dataset) / env.num_envs))
+        # Every rank takes as many steps as the rank with the largest shard, so DDP stays in step.
+        self.steps_per_epoch = max(1, math.ceil(max_over_ranks(len(env.dataset)) / env.num_envs))
+        self.train_policy = wrap_ddp(policy, env.device)
         self._position = "the start of training"
         self._saved_epoch: int | None = None
 
@@ -373,7 +402,8 @@ class EpochTrainer:
     def _run_epoch(self, epoch: int) -> None:
         num_controlled = self.schedule.num_controlled(epoch)
         self.env.set_curriculum(num_controlled)
-        self.env.reset(seed=self.config.seed + epoch)
+        self.env.reset(seed=rank_seed(self.config.seed + epoch))
+        reseed_torch_per_rank(self.config.seed + epoch)
         started = time.perf_counter()
 
         metrics = self._train_epoch(epoch)
@@ -385,6 +415,7 @@ class EpochTrainer:
         # NOTE: TensorBoard's event file then contains two points for that epoch; metrics.jsonl one.
         self.run.log(epoch, metrics)
         self._save_checkpoints(epoch, num_controlled, metrics)
+        barrier()
         if self.on_epoch is not None:
             self.on_epoch(epoch, metrics)
 
@@ -403,20 +434,20 @@ class EpochTrainer:
             self.train_step(stats)
             bar.set_postfix(stats.running(), refresh=False)
         bar.close()
-        return stats.metrics()
+        return RolloutStats.combine(gather_objects(stats)).metrics()
 
     def evaluate(self, num_controlled: int) -> dict[str, float]:
         """Metrics of the thresholded policy on the whole test split, namespaced ``test/``."""
         model = self.env.model
         policy_fn = agent_policy_fn(self.policy, num_controlled)
-        result, record = evaluate_policy(
+        broadcast_buffers(self.policy, model)
+        result, record = evaluate_sharded(
             model,
             self.test_data,
             policy_fn,
             batch_size=self.config.batch_size,
             device=self.env.device,
             progress=self.progress,
-            record=True,
         )
         policies = record.policies.to(self.env.device)
         correct = record.correct.to(self.env.device)
@@ -557,10 +588,10 @@ class CurriculumTrainer(EpochTrainer):
         progress: bool = False,
         on_epoch: EpochCallback | None = None,
     ) -> None:
-        device = torch.device(config.device)
+        device = local_device(config.device)
         reward = BlockUsageReward(config.penalty)
         env = BlockDropVectorEnv(
-            model, train_data, config.batch_size, reward=reward, augment=config.augment, device=device
+            model, shard_dataset(train_data), config.batch_size, reward=reward, augment=config.augment, device=device
         )
         seed_everything(config.seed)
         policy = build_policy(model.num_blocks, train_data, config.policy_input_size).to(device)
@@ -582,7 +613,7 @@ class CurriculumTrainer(EpochTrainer):
         config = self.config
         images = self.env.current_images
         mask = controlled_mask(self.env.num_blocks, self.env.num_controlled, images.device)
-        probs = self.policy(images)
+        probs = self.train_policy(images)
         self.check_finite("the keep-probability tensor", probs.detach())
         actions = sample_actions(probs, config.alpha, mask)
 

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from agents.distributed import is_main_process
 from blockdrop_env.checkpoints import atomic_torch_save, read_checkpoint
 from blockdrop_env.errors import CheckpointError, ConfigError
 
@@ -93,6 +94,9 @@ def _as_tuple(value: Any) -> Any:
 class RunDirectory:
     """One training run on disk, with its metrics logger.
 
+    In a multi-process run only rank 0 writes: on the other ranks the methods that write the
+    config, metrics or checkpoints return without touching the directory.
+
     Args:
         path: Directory of the run; created when missing.
         tensorboard: Also write TensorBoard event files.
@@ -110,6 +114,8 @@ class RunDirectory:
 
     def write_config(self, config: Any) -> None:
         """Save the run's configuration (a dataclass or a mapping) as JSON."""
+        if not is_main_process():
+            return
         data = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
         atomic_write_text(self.path / CONFIG_FILE, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
@@ -124,6 +130,8 @@ class RunDirectory:
 
     def log(self, step: int, metrics: Mapping[str, float], *, step_name: str = "epoch") -> None:
         """Append one row of metrics to metrics.jsonl and TensorBoard."""
+        if not is_main_process():
+            return
         row = {step_name: step, **{key: float(value) for key, value in metrics.items()}}
         with open(self.path / METRICS_FILE, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(row) + "\n")
@@ -144,6 +152,8 @@ class RunDirectory:
 
     def truncate_metrics(self, step: int, *, step_name: str = "epoch") -> None:
         """Drop rows logged after ``step``, e.g. those of an epoch that was killed before its checkpoint."""
+        if not is_main_process():
+            return
         rows = [row for row in self.read_metrics() if row.get(step_name, -1) <= step]
         atomic_write_text(self.path / METRICS_FILE, "".join(json.dumps(row) + "\n" for row in rows))
 
@@ -165,11 +175,13 @@ class RunDirectory:
     # -- checkpoints ---------------------------------------------------------------------------
 
     def save_checkpoint(self, state: Mapping[str, Any], name: str = LAST_CHECKPOINT) -> Path:
-        """Write a checkpoint atomically and return its path.
+        """Write a checkpoint atomically and return its path (rank 0 only writes).
 
         Also deletes temporary files that a process killed while writing left in the directory.
         """
         path = self.path / name
+        if not is_main_process():
+            return path
         atomic_torch_save(dict(state), path)
         self._remove_stale_temporaries()
         return path

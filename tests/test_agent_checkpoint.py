@@ -70,7 +70,7 @@ def test_load_agent_rejects_plain_resnet_checkpoint(tmp_path):
 def test_load_agent_rejects_garbage_file(tmp_path):
     path = tmp_path / "agent.pt"
     path.write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="could not be read"):
+    with pytest.raises(CheckpointError, match="is not a PyTorch checkpoint"):
         load_agent(path)
 
 

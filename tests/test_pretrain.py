@@ -439,3 +439,40 @@ def test_cli_pretrain_rejects_bad_option(registered, tmp_path, image_folder, cap
     assert len(err.strip().splitlines()) == 1
     assert err.startswith("Error: ")
     assert re.search(match, err), err
+
+
+def test_stochastic_depth_policy_follows_linear_decay():
+    from agents.pretrain import stochastic_depth_policy
+
+    generator = torch.Generator().manual_seed(0)
+    policy = stochastic_depth_policy(20000, 4, 0.5, generator)
+    keep_rates = policy.double().mean(dim=0)
+    for rate, expected in zip(keep_rates.tolist(), [0.875, 0.75, 0.625, 0.5]):
+        assert rate == pytest.approx(expected, abs=0.015)
+
+
+def test_stochastic_depth_trains_with_sampled_policies(tmp_path, train_data, test_data, monkeypatch):
+    from blockdrop_env.resnet import BlockDropResNet
+
+    calls: list[tuple[float, str]] = []
+    original = BlockDropResNet.forward
+
+    def recording_forward(self, x, policy=None, mode="sparse"):
+        if self.training:
+            calls.append((float(policy.double().mean()) if policy is not None else 1.0, mode))
+        return original(self, x, policy, mode)
+
+    monkeypatch.setattr(BlockDropResNet, "forward", recording_forward)
+    result = run_tiny(tmp_path / "run", train_data, test_data, stochastic_depth=0.5)
+
+    assert calls
+    assert all(mode == "sparse" for _, mode in calls)
+    mean_keep = sum(rate for rate, _ in calls) / len(calls)
+    # Survival falls linearly from 1 - 1/(2K) to 0.5 over K = 3 blocks: mean (5/6 + 4/6 + 3/6) / 3.
+    assert mean_keep == pytest.approx(2 / 3, abs=0.1)
+    assert result.final_accuracy is not None
+
+
+def test_config_rejects_stochastic_depth_out_of_range():
+    with pytest.raises(ConfigError, match="`stochastic_depth` must be a survival probability in \\(0, 1\\], got 0"):
+        PretrainConfig(dataset="shapes", stochastic_depth=0.0)
