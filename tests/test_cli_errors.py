@@ -143,8 +143,8 @@ TRAIN_CASES = [
     ("--blocks-per-stage", "0", r"blocks_per_stage \(--blocks-per-stage\) must be an integer >= 1, got 0"),
     ("--blocks-per-stage", "4", r"blocks_per_stage \(--blocks-per-stage\) must be at most the ResNet's 3 blocks, got 4"),
     ("--policy-input-size", "0", r"policy_input_size \(--policy-input-size\) must be an integer >= 1, got 0"),
-    ("--max-train-images", "0", r"max_train_images \(--max-train-images\) must be an integer >= 1, got 0"),
-    ("--max-test-images", "-5", r"max_test_images \(--max-test-images\) must be an integer >= 1, got -5"),
+    ("--max-train-images", "-1", r"max_train_images \(--max-train-images\) must be an integer >= 0, got -1"),
+    ("--max-test-images", "-5", r"max_test_images \(--max-test-images\) must be an integer >= 0, got -5"),
     ("--seed", "-1", r"seed \(--seed\) must be an integer >= 0, got -1"),
     ("--device", "tpu", r"Invalid value for '--device'"),
 ]
@@ -178,7 +178,7 @@ FINETUNE_CASES = [
     ("--penalty", "nan", r"penalty \(--penalty\) must be a finite number, got nan"),
     ("--alpha", "0.4", r"alpha \(--alpha\) must be in \(0.5, 1\], got 0.4"),
     ("--beta", "-0.5", r"beta \(--beta\) must be >= 0, got -0.5"),
-    ("--max-train-images", "0", r"max_train_images \(--max-train-images\) must be an integer >= 1, got 0"),
+    ("--max-train-images", "-1", r"max_train_images \(--max-train-images\) must be an integer >= 0, got -1"),
     ("--device", "tpu", r"Invalid value for '--device'"),
 ]
 
