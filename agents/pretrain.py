@@ -679,7 +679,7 @@ def _train_step(
     images: torch.Tensor,
     labels: torch.Tensor,
     config: PretrainConfig,
-    generator: torch.Generator,
+    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One SGD step on a batch; return the detached mean loss and the number of correct predictions."""
     model = trainer.model

@@ -77,7 +77,7 @@ def test_train_writes_run_directory(tiny_setup, tmp_path, capsys):
 
 
 def test_train_prints_one_line_per_epoch(tiny_setup, tmp_path, capsys):
-    args = [arg for arg in train_args(tiny_setup, tmp_path / "run") if arg != "--quiet"]
+    args = [arg for arg in train_args(tiny_setup, tmp_path / "run", "--blocks-per-stage", "1") if arg != "--quiet"]
     status, _, err = run_cli(args, capsys)
     assert status == 0, err
     assert "epoch 1/2  controlled 1" in err
@@ -115,7 +115,7 @@ def test_finetune_rejects_missing_source_run(tmp_path, capsys):
         ("--lr", "0", "lr (--lr) must be > 0, got 0.0"),
         ("--epochs-per-stage", "-1", "epochs_per_stage (--epochs-per-stage) must be an integer >= 0"),
         ("--blocks-per-stage", "0", "blocks_per_stage (--blocks-per-stage) must be an integer >= 1"),
-        ("--max-train-images", "0", "max_train_images (--max-train-images) must be an integer >= 1"),
+        ("--max-train-images", "-1", "max_train_images (--max-train-images) must be an integer >= 0"),
         ("--epochs", "many", "Invalid value for '--epochs': 'many' is not a valid integer"),
         ("--device", "tpu", "Invalid value for '--device'"),
     ],

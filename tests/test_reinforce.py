@@ -206,7 +206,7 @@ def test_schedule_without_stages_controls_all_blocks():
 
 
 def test_trainer_warns_when_curriculum_outlasts_run(tmp_path):
-    config = TrainConfig(run_dir=str(tmp_path), epochs=2, batch_size=8)
+    config = TrainConfig(run_dir=str(tmp_path), epochs=2, batch_size=8, blocks_per_stage=1)
     with pytest.warns(UserWarning, match="all 3 blocks only in epoch 3, but the run has 2 epochs"):
         CurriculumTrainer(config, tiny_resnet(), random_dataset(16), random_dataset(8, seed=1))
 
