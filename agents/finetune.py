@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from agents.agent_checkpoint import load_agent, read_agent_checkpoint, resolve_agent_path
-from agents.distributed import check_sync_bn, local_device, shard_dataset, wrap_ddp
+from agents.distributed import check_sync_bn, wrap_ddp
 from agents.policy import PolicyNetwork, controlled_mask, threshold_policy
 from agents.reinforce import (
     CurriculumSchedule,
@@ -27,10 +27,10 @@ from agents.reinforce import (
     RolloutStats,
     _option,
     _require_float,
+    build_training_env,
     load_splits,
     policy_gradient_loss,
     sample_actions,
-    seed_everything,
     validate_common,
 )
 from agents.runs import RunDirectory
@@ -38,8 +38,6 @@ from blockdrop_env.checkpoints import check_dataset_classes, resnet_from_state
 from blockdrop_env.data import ImageDataset
 from blockdrop_env.errors import ConfigError
 from blockdrop_env.resnet import BlockDropResNet
-from blockdrop_env.rewards import BlockUsageReward
-from blockdrop_env.vector_env import BlockDropVectorEnv
 
 
 @dataclass
@@ -99,12 +97,7 @@ class JointFinetuner(EpochTrainer):
         progress: bool = False,
         on_epoch: EpochCallback | None = None,
     ) -> None:
-        device = local_device(config.device)
-        reward = BlockUsageReward(config.penalty)
-        env = BlockDropVectorEnv(
-            model, shard_dataset(train_data), config.batch_size, reward=reward, augment=config.augment, device=device
-        )
-        seed_everything(config.seed)
+        env, reward, device = build_training_env(config, model, train_data)
         policy = policy.to(device)
         # One Adam, two parameter groups: the two losses reach disjoint parameters, so each
         # group's step size is set by its own learning rate (the release used 1e-4 for both).

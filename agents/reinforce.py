@@ -590,12 +590,7 @@ class CurriculumTrainer(EpochTrainer):
         progress: bool = False,
         on_epoch: EpochCallback | None = None,
     ) -> None:
-        device = local_device(config.device)
-        reward = BlockUsageReward(config.penalty)
-        env = BlockDropVectorEnv(
-            model, shard_dataset(train_data), config.batch_size, reward=reward, augment=config.augment, device=device
-        )
-        seed_everything(config.seed)
+        env, reward, device = build_training_env(config, model, train_data)
         policy = build_policy(model.num_blocks, train_data, config.policy_input_size).to(device)
         # lr 1e-3 is the default of the release's curriculum script; its fine-tuning uses 1e-4.
         optimizer = torch.optim.Adam(policy.parameters(), lr=config.lr)
@@ -661,6 +656,26 @@ def warn_short_curriculum(schedule: CurriculumSchedule, epochs: int) -> None:
             "will always run. Raise --epochs or --blocks-per-stage, or lower --epochs-per-stage",
             stacklevel=3,
         )
+
+
+def build_training_env(
+    config: Any, model: BlockDropResNet, train_data: ImageDataset
+) -> tuple[BlockDropVectorEnv, BlockUsageReward, torch.device]:
+    """Build the vector env over this process's shard of the training images and seed everything.
+
+    ``config`` is a :class:`TrainConfig` or a fine-tuning configuration: its ``device``,
+    ``penalty``, ``batch_size``, ``augment`` and ``seed`` are used.
+
+    Returns:
+        The env, its reward function and the device it runs on.
+    """
+    device = local_device(config.device)
+    reward = BlockUsageReward(config.penalty)
+    env = BlockDropVectorEnv(
+        model, shard_dataset(train_data), config.batch_size, reward=reward, augment=config.augment, device=device
+    )
+    seed_everything(config.seed)
+    return env, reward, device
 
 
 def load_splits(

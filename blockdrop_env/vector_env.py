@@ -14,7 +14,6 @@ from gymnasium.error import ResetNeeded
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from blockdrop_env.data import ImageDataset
 from blockdrop_env.env import (
     ActionLike,
     ActionScores,
@@ -31,7 +30,6 @@ from blockdrop_env.env import (
     validate_action,
 )
 from blockdrop_env.errors import ConfigError
-from blockdrop_env.resnet import BlockDropResNet
 from blockdrop_env.rewards import RewardFunction
 
 VectorResetReturn: TypeAlias = tuple[np.ndarray, dict[str, Any]]
