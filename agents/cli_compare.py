@@ -42,22 +42,22 @@ def _agent_names(ctx: click.Context, param: click.Parameter, value: str) -> tupl
 
 @click.command(name="compare")
 @click.option("--agents", default=",".join(BUILT_IN_AGENTS), callback=_agent_names, help="Comma-separated agents: reinforce, bandit, or a Stable-Baselines3 algorithm with MultiBinary actions (ppo, a2c).")
-@click.option("--resnet", "resnet_path", type=click.Path(dir_okay=False), required=True, help="ResNet checkpoint whose blocks the agents learn to drop.")
+@click.option("--resnet", "resnet_path", type=click.Path(dir_okay=False), default=None, help="ResNet checkpoint whose blocks the agents learn to drop; default: the shipped ResNet-32 for shapes.")
 @click.option("--dataset", type=click.Choice(DATASET_NAMES), default=DEFAULT_DATASET, help="Dataset format; shapes is generated in memory and needs no --data-dir.")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Dataset root with the train and test splits (not used by shapes).")
 @click.option("--seeds", type=int, default=3, callback=_positive, help="Seeds per agent (0, 1, ...).")
 @click.option("--budget", type=int, default=50_000, callback=_positive, help="Training budget per agent and seed, in env steps (images classified).")
 @click.option("--penalty", type=float, default=DEFAULT_PENALTY, help="Reward of a wrong prediction is -penalty.")
 @click.option("--batch-size", type=int, default=64, callback=_positive, help="Images per env step (num_envs) for every learner.")
-@click.option("--max-train-images", type=int, default=None, callback=_positive, help="Train on only the first N training images.")
-@click.option("--max-test-images", type=int, default=None, callback=_positive, help="Evaluate on only the first N test images.")
+@click.option("--max-train-images", type=int, default=None, callback=_positive, help="Train on a fixed random subset of N training images.")
+@click.option("--max-test-images", type=int, default=None, callback=_positive, help="Evaluate on a fixed random subset of N test images.")
 @click.option("--fixed-search-images", type=int, default=1000, callback=_positive, help="Training images the best-fixed-policy search evaluates each candidate on.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", help="Where the networks run.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True, help="Directory for results.md, results.csv, results.json, pareto.png and the REINFORCE runs.")
 @click.option("--quiet", is_flag=True, help="No progress lines or bars.")
 def compare(
     agents: tuple[str, ...],
-    resnet_path: str,
+    resnet_path: str | None,
     dataset: str,
     data_dir: str | None,
     seeds: int,
@@ -91,6 +91,10 @@ def compare(
     torch_device = resolve_device(device)
     started = time.perf_counter()
 
+    if resnet_path is None:
+        from blockdrop_env.registration import SHAPES_CHECKPOINT
+
+        resnet_path = str(SHAPES_CHECKPOINT)
     loaded = load_resnet(resnet_path)
     train_data, test_data = load_splits(dataset, data_dir or "", max_train_images, max_test_images)
     progress = not quiet and show_progress()
