@@ -326,8 +326,8 @@ def broadcast_buffers(*modules: nn.Module) -> None:
     """Copy rank 0's buffers (BatchNorm running statistics) to every rank.
 
     DistributedDataParallel copies them at the start of each forward, but each rank then
-    updates its own from its own batch; this makes evaluation use the statistics that rank 0
-    saves in the checkpoint.
+    updates its own from its own batch. Copying them before evaluation makes every rank use the
+    statistics that rank 0 saves in the checkpoint.
     """
     if not current_context().is_distributed:
         return

@@ -59,7 +59,7 @@ def resolve_sb3_algorithm(name: str) -> type[BaseAlgorithm]:
 
 
 def supports_multibinary(algorithm: type[BaseAlgorithm]) -> bool:
-    """Whether the algorithm accepts a ``MultiBinary`` action space.
+    """Return whether the algorithm accepts a ``MultiBinary`` action space.
 
     SB3 passes its supported action spaces to ``BaseAlgorithm.__init__`` and checks them there,
     so this builds the algorithm on a two-bit dummy env without setting up its networks.

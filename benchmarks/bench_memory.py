@@ -72,7 +72,7 @@ def child_dataset(quick: bool) -> dict[str, Any]:
         data = load_shapes("train")
     seconds = time.perf_counter() - started
     return {
-        "source": data.name,
+        "source": "cifar10-jpeg/train" if data.name.startswith("imagefolder") else data.name,
         "num_images": len(data),
         "pixel_bytes": data.images.numel(),
         "peak_rss_growth_bytes": peak_rss_bytes() - before,

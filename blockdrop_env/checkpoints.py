@@ -394,7 +394,7 @@ def _read_checkpoint(path: Path) -> Any:
         if rejected_global is None:
             raise _corrupted(path, error) from None
         raise CheckpointError(
-            f"checkpoint {path} refused: it contains pickled Python objects that could run code "
+            f"checkpoint {path} rejected: it contains pickled Python objects that could run code "
             f"when loaded ({rejected_global}); if you trust its source, load it yourself with "
             "torch.load(..., weights_only=False) and re-save only its state_dict()"
         ) from None

@@ -144,7 +144,7 @@ def check_compatible(model: BlockDropResNet, dataset: ImageDataset) -> None:
 
 
 def resolve_reward(reward: RewardFunction | None, penalty: float | None) -> RewardFunction:
-    """Pick the reward function: ``reward`` if given, else the paper's with ``penalty``.
+    """Pick the reward function: ``reward`` if given, else :class:`BlockUsageReward` with ``penalty``.
 
     Raises:
         ConfigError: if both are given, or ``reward`` is not callable.
@@ -310,7 +310,7 @@ class BlockDropSimulator:
         return images
 
     def factors_at(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-        """The dataset's per-image factors (e.g. ``difficulty``) for ``indices``; empty if it has none."""
+        """Return the dataset's per-image factors (e.g. ``difficulty``) at ``indices``, or {} if it has none."""
         if not self.dataset.factors:
             return {}
         index = torch.from_numpy(np.asarray(indices, dtype=np.int64))

@@ -113,7 +113,7 @@ class BlockDropVectorEnv(SimulatorViews, VectorEnv):
         data_dir: Directory of a dataset given by name.
         split: ``"train"`` or ``"test"`` for a dataset given by name.
         penalty: Penalty of the default reward; exclusive with ``reward``.
-        reward: Reward function; defaults to the paper's.
+        reward: Reward function; defaults to :class:`BlockUsageReward`, 1 - (blocks/K)**2 or -penalty.
         num_controlled: Trailing blocks the agent controls (1..K, default K).
         sampling: ``"shuffle"`` or ``"sequential"``.
         augment: Random crop (4-pixel zero padding) and horizontal flip of drawn images.

@@ -114,7 +114,12 @@ def test_best_fixed_policy_no_worse_than_all_blocks():
 def test_greedy_elimination_drops_best_block_first():
     # Objective: reward for dropping block 2, penalty for dropping block 0.
     def objective(keep):
-        return (0.0 if keep[0] else -5.0) + (1.0 if not keep[2] else 0.0) - 0.1 * sum(keep)
+        value = -0.1 * sum(keep)
+        if not keep[0]:
+            value -= 5.0
+        if not keep[2]:
+            value += 1.0
+        return value
 
     history = greedy_elimination(3, objective)
     path = [keep for keep, _ in history]

@@ -502,7 +502,7 @@ def test_load_rejects_pickled_code(tmp_path):
     path = _save({"state_dict": _RunsShellCommand(f"touch {marker}")}, tmp_path / "evil.th")
 
     pattern = (
-        "refused: it contains pickled Python objects that could run code"
+        "rejected: it contains pickled Python objects that could run code"
     )
     with pytest.raises(CheckpointError, match=pattern):
         load_resnet(path)
@@ -513,7 +513,7 @@ def test_load_rejects_pickled_code(tmp_path):
 def test_load_rejects_pickled_module(tmp_path):
     path = _save(_cifar(), tmp_path / "module.th")
 
-    with pytest.raises(CheckpointError, match=r"refused: .*re-save only its state_dict\(\)"):
+    with pytest.raises(CheckpointError, match=r"rejected: .*re-save only its state_dict\(\)"):
         load_resnet(path)
 
 

@@ -63,7 +63,7 @@ def test_evaluate_random_policy_is_seeded(tiny_resnet, image_folder, capsys):
         (["--device", "tpu"], "'--device'"),
     ],
 )
-def test_evaluate_bad_option_prints_one_line_and_exits_2(tiny_resnet, image_folder, capsys, extra, match):
+def test_evaluate_bad_option_exits_2(tiny_resnet, image_folder, capsys, extra, match):
     status, out, err = run_cli(["evaluate", "--resnet", tiny_resnet, "--dataset", "imagefolder", "--data-dir", str(image_folder), *extra], capsys)
     assert status == 2
     assert out == ""

@@ -113,7 +113,7 @@ def assert_one_line_error(status: int, out: str, err: str, path: Path) -> str:
 
 # Expected message per kind, for loaders that read ResNet or run checkpoints.
 RESNET_MESSAGES = {
-    "pickled_code": r"refused: it contains pickled Python objects that could run code when loaded \(posix\.system\)",
+    "pickled_code": r"rejected: it contains pickled Python objects that could run code when loaded \(posix\.system\)",
     "empty": r"is empty \(0 bytes\).*copy or download it again",
     "truncated": r"could not be read, it is probably truncated or corrupted.*copy or download the file again",
     "text": r"is not a PyTorch checkpoint: it starts with b'epoc', expected a zip archive",
@@ -251,7 +251,7 @@ def test_run_directory_rejects_pickled_code(setup, tmp_path):
     marker = tmp_path / "code_ran"
     write_bad_file("pickled_code", tmp_path / "run" / "last.pt", setup, marker)
 
-    with pytest.raises(CheckpointError, match=r"refused: it contains pickled Python objects"):
+    with pytest.raises(CheckpointError, match=r"rejected: it contains pickled Python objects"):
         RunDirectory(tmp_path / "run", tensorboard=False).load_checkpoint()
 
     assert not marker.exists()

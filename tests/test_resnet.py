@@ -93,7 +93,7 @@ def test_dropped_block_is_not_computed_for_any_sample(monkeypatch):
     assert all(batch_sizes[i] == [] for i in range(3, model.num_blocks))
 
 
-def test_all_zero_policy_runs_only_stem_shortcuts_and_head():
+def test_all_zero_policy_skips_every_block():
     model = CifarResNet(depth=8, num_classes=4, shortcut="A").eval()
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
@@ -115,7 +115,7 @@ def test_sparse_mode_propagates_gradients_to_kept_samples_only():
     assert model.layer2[0].conv1.weight.grad.abs().sum() > 0
 
 
-def test_masked_mode_gives_zero_gradient_to_a_block_dropped_everywhere():
+def test_masked_dropped_block_gets_zero_gradient():
     model = CifarResNet(depth=8, num_classes=3).train()
     x = torch.randn(4, 3, 32, 32)
     policy = torch.ones(4, model.num_blocks)
