@@ -111,6 +111,25 @@ def sync_call(envs: gym.vector.SyncVectorEnv, steps: int, rng: np.random.Generat
     return call
 
 
+def bare_forward_call(model: BlockDropResNet, dataset: ImageDataset, batch_size: int, count: int,
+                      rng: np.random.Generator) -> Callable[[], object]:
+    """Call that classifies ``count`` images by bare sparse forwards of ``batch_size`` images.
+
+    The same work as the envs without any env: at batch N and at batch 1 it bounds what the
+    vector env and the single-env loop can reach, so their ratio is the gain batching allows.
+    """
+    images = dataset.images[:count]
+
+    def call() -> None:
+        with torch.inference_mode():
+            for start in range(0, count, batch_size):
+                batch = images[start : start + batch_size]
+                policy = torch.from_numpy(rng.random((batch.shape[0], model.num_blocks)) < 0.5)
+                model(model.preprocess(batch), policy, mode="sparse").argmax(1)
+
+    return call
+
+
 def step_versus_forward(env: BlockDropEnv, pairs: int, rng: np.random.Generator) -> dict[str, float]:
     """Median single-env ``step`` time and bare forwards of the same image, interleaved."""
     model = env.model
@@ -164,12 +183,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "sb3_adapter": n * args.vector_steps,
         "single_env_loop": args.single_images,
         "sync_vector_env": n * args.sync_steps,
+        "bare_forward_batch_n": n * args.vector_steps,
+        "bare_forward_batch_1": args.single_images,
     }
+    model, dataset = vector.model, vector.dataset
     configs = {
         "native_vector_env": vector_call(vector, args.vector_steps, rng),
         "sb3_adapter": adapter_call(adapter, args.vector_steps, rng),
         "single_env_loop": single_loop_call(single, args.single_images, rng),
         "sync_vector_env": sync_call(sync, args.sync_steps, rng),
+        "bare_forward_batch_n": bare_forward_call(model, dataset, n, n * args.vector_steps, rng),
+        "bare_forward_batch_1": bare_forward_call(model, dataset, 1, args.single_images, rng),
     }
     median = medians(time_interleaved(configs, args.rounds))
     rates = {name: images_per_call[name] / seconds for name, seconds in median.items()}
@@ -179,6 +203,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ratios = {
         "vector_over_single_loop": vector_rate / rates["single_env_loop"],
         "vector_over_sync_vector_env": vector_rate / rates["sync_vector_env"],
+        "bare_batch_n_over_batch_1": rates["bare_forward_batch_n"] / rates["bare_forward_batch_1"],
+        "vector_over_bare_batch_n": vector_rate / rates["bare_forward_batch_n"],
+        "single_loop_over_bare_batch_1": rates["single_env_loop"] / rates["bare_forward_batch_1"],
         "sb3_adapter_time_over_native": vector_rate / rates["sb3_adapter"],
         **{k: v for k, v in latency.items() if "_over_" in k},
     }
@@ -222,6 +249,9 @@ def print_summary(results: dict[str, Any]) -> None:
     print(f"vector / single loop: {ratios['vector_over_single_loop']:.1f}x "
           f"(target >= {TARGET_VECTOR_OVER_SINGLE}x)")
     print(f"vector / SyncVectorEnv: {ratios['vector_over_sync_vector_env']:.1f}x")
+    print(f"bare forward batch N / batch 1: {ratios['bare_batch_n_over_batch_1']:.1f}x (the most batching can give); "
+          f"vector env at {ratios['vector_over_bare_batch_n']:.0%} of the bare batch-N rate, single loop at "
+          f"{ratios['single_loop_over_bare_batch_1']:.0%} of the bare batch-1 rate")
     print(f"SB3 adapter time / native: {ratios['sb3_adapter_time_over_native']:.3f}x")
     print(f"single step {latency['step_ms']:.2f} ms vs bare forward, same policy "
           f"{latency['bare_forward_same_policy_ms']:.2f} ms "

@@ -297,6 +297,50 @@ def experiment_channels_last(model: BlockDropResNet, x: torch.Tensor, half: torc
     return result
 
 
+def forward_index_select(model: BlockDropResNet, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The sparse forward as first written: ``index_select`` for both gathers, a fresh ReLU output.
+
+    ``BlockDropResNet`` now gathers once by indexing (which keeps a channels-last layout) and adds
+    the shortcut in place; this copy measures what that change is worth.
+    """
+    counts = keep.sum(dim=0).tolist()
+    x = model.stem(x)
+    for i in range(model.num_blocks):
+        if counts[i] == x.shape[0]:
+            x = F.relu(model.shortcut(i, x) + model.residual(i, x))
+            continue
+        skip = model.shortcut(i, x)
+        if counts[i] == 0:
+            x = skip
+            continue
+        index = keep[:, i].nonzero().squeeze(1)
+        kept = F.relu(skip.index_select(0, index) + model.residual(i, x.index_select(0, index)))
+        x = skip.index_copy(0, index, kept)
+    return model.head(x)
+
+
+def experiment_gather(model: BlockDropResNet, x: torch.Tensor, half: torch.Tensor, rounds: int) -> dict[str, Any]:
+    """The current half-kept sparse forward vs the first one, in both memory layouts."""
+    last = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    x_last = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        if not torch.allclose(forward_index_select(model, x, half), model(x, half, mode="sparse"), rtol=1e-4, atol=1e-4):
+            raise RuntimeError("the index_select forward disagrees with the sparse forward; the experiment is wrong")
+        configs = {
+            "index_select_contiguous": lambda: forward_index_select(model, x, half),
+            "current_contiguous": lambda: model(x, half, mode="sparse"),
+            "index_select_channels_last": lambda: forward_index_select(last, x_last, half),
+            "current_channels_last": lambda: last(x_last, half, mode="sparse"),
+        }
+        result = compare(configs, rounds, "index_select_contiguous")
+    ms = result["median_ms"]
+    result["current_speedup"] = {
+        "contiguous": ms["index_select_contiguous"] / ms["current_contiguous"],
+        "channels_last": ms["index_select_channels_last"] / ms["current_channels_last"],
+    }
+    return result
+
+
 def experiment_threads(model: BlockDropResNet, x: torch.Tensor, half: torch.Tensor, rounds: int) -> dict[str, Any]:
     """1 vs 2 intra-op threads for a half-kept sparse forward."""
     default = torch.get_num_threads()
@@ -388,6 +432,7 @@ def run_experiments(quick: bool, with_compile: bool, seed: int) -> dict[str, Any
         results[f"batch{batch_size}"] = {
             "inference_mode": experiment_inference_mode(model, x, half, rounds),
             "channels_last": experiment_channels_last(model, x, half, rounds),
+            "gather": experiment_gather(model, x, half, rounds),
             "threads": experiment_threads(model, x, half, rounds),
         }
     for batch_size in (4,) if quick else (8, 32):

@@ -236,9 +236,10 @@ class BlockDropResNet(nn.Module):
     # -- execution -----------------------------------------------------------------------------
 
     def _forward_full(self, x: torch.Tensor) -> torch.Tensor:
+        in_place = not torch.is_grad_enabled()
         x = self.stem(x)
         for i in range(self.num_blocks):
-            x = F.relu(self.shortcut(i, x) + self.residual(i, x))
+            x = _add_relu(self.residual(i, x), self.shortcut(i, x), in_place)
         return self.head(x)
 
     def _forward_masked(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -267,7 +268,10 @@ class BlockDropResNet(nn.Module):
                 x = skip
                 continue
             index = keep_host[:, i].nonzero().squeeze(1).to(x.device)
-            kept = F.relu(skip.index_select(0, index) + self.residual(i, x.index_select(0, index)))
+            # Indexing keeps a channels-last layout, which index_select would make contiguous;
+            # an identity shortcut reuses the gathered rows instead of gathering twice.
+            rows = x[index]
+            kept = _add_relu(self.residual(i, rows), rows if skip is x else skip[index], in_place)
             if in_place and skip is not x:
                 x = skip.index_copy_(0, index, kept)
             elif in_place:
@@ -297,6 +301,13 @@ class BlockDropResNet(nn.Module):
         finally:
             self.train(was_training)
         return FlopsTable(stem=stem, head=head, blocks=tuple(blocks), shortcuts=tuple(shortcuts))
+
+
+def _add_relu(residual: torch.Tensor, skip: torch.Tensor, in_place: bool) -> torch.Tensor:
+    """relu(residual + skip), reusing the residual branch's fresh output when no graph is recorded."""
+    if in_place:
+        return residual.add_(skip).relu_()
+    return F.relu(residual + skip)
 
 
 def _count_macs(
