@@ -102,7 +102,7 @@ def train(resume: bool, quiet: bool, **options: Any) -> None:
 
 
 @click.command(name="finetune")
-@_option(FinetuneConfig, "from_run", "--from", type=click.Path(file_okay=False), required=True, default=None)
+@_option(FinetuneConfig, "from_run", "--from", type=click.Path(), required=True, default=None)
 @_option(FinetuneConfig, "lr_resnet", type=float)
 @_option(FinetuneConfig, "lr_policy", type=float)
 @_option(FinetuneConfig, "penalty", type=float)

@@ -44,7 +44,9 @@ from blockdrop_env.resnet import BlockDropResNet
 class FinetuneConfig:
     """Configuration of ``blockdrop finetune``: joint training of the policy and the ResNet."""
 
-    from_run: str = _option("", "Run directory of `blockdrop train` to start from (its best.pt, else last.pt).")
+    from_run: str = _option(
+        "", "Run directory of `blockdrop train` to start from (its best.pt, else last.pt), or one of its checkpoint files."
+    )
     run_dir: str = _option("", "Directory for config, metrics, TensorBoard events and checkpoints.")
     epochs: int = _option(10, "Epochs of joint training.")
     batch_size: int = _option(256, "Images per step (the vector env's num_envs); also the test batch size.")
@@ -197,12 +199,17 @@ def fill_from_source(config: FinetuneConfig) -> FinetuneConfig:
     """Copy ``penalty``, ``dataset`` and ``data_dir`` from the source run where ``config`` lacks them.
 
     Raises:
-        ConfigError: if ``config.from_run`` is not a run directory with a config.json.
+        ConfigError: if ``config.from_run`` is neither a run directory nor a file inside one.
     """
     source = Path(config.from_run)
-    if not source.is_dir():
-        raise ConfigError(f"from_run (--from) {source} is not a directory; pass the run directory of `blockdrop train`")
-    saved = RunDirectory(source, tensorboard=False).read_config()
+    # A checkpoint file takes its settings from the run directory that holds it.
+    run_dir = source.parent if source.is_file() else source
+    if not run_dir.is_dir():
+        raise ConfigError(
+            f"from_run (--from) {source} does not exist; pass the run directory of `blockdrop train` "
+            "or one of its checkpoint files"
+        )
+    saved = RunDirectory(run_dir, tensorboard=False).read_config()
     values = {name: getattr(config, name) for name in config.__dataclass_fields__}
     for name in ("penalty", "dataset", "data_dir"):
         if values[name] is None:

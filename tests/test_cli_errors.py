@@ -167,7 +167,7 @@ def test_train_rejects_resume_without_run(setup, tmp_path, capsys):
 # -- finetune -------------------------------------------------------------------------------------
 
 FINETUNE_CASES = [
-    ("--from", "MISSING/none", r"from_run \(--from\) .*none is not a directory"),
+    ("--from", "MISSING/none", r"from_run \(--from\) .*none does not exist"),
     ("--data-dir", "MISSING/data", r"dataset directory .*data not found"),
     ("--dataset", "mnist", r"Invalid value for '--dataset'"),
     ("--epochs", "0", r"epochs \(--epochs\) must be an integer >= 1, got 0"),

@@ -55,8 +55,15 @@ def test_fill_from_source_copies_penalty_and_data(source_run, tmp_path):
     assert config.data_dir == "data"
 
 
+def test_fill_from_source_reads_the_run_of_a_checkpoint_file(source_run, tmp_path):
+    checkpoint = next(source_run.glob("*.pt"))
+    config = fill_from_source(FinetuneConfig(from_run=str(checkpoint), run_dir=str(tmp_path / "ft")))
+    assert config.penalty == 3.0
+    assert config.data_dir == "data"
+
+
 def test_fill_from_source_rejects_missing_run(tmp_path):
-    with pytest.raises(ConfigError, match="is not a directory; pass the run directory"):
+    with pytest.raises(ConfigError, match="does not exist; pass the run directory"):
         fill_from_source(FinetuneConfig(from_run=str(tmp_path / "none"), run_dir=str(tmp_path / "ft")))
 
 
