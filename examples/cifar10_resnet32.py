@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import shlex
@@ -39,33 +38,36 @@ from typing import Any
 import numpy as np
 import torch
 
-from agents.agent_checkpoint import agent_policy_fn, load_agent
+from agents.agent_checkpoint import agent_policy_fn, load_agent, read_agent_checkpoint
 from agents.baselines import AllBlocks, BestFixedPolicy, FirstK, RandomDrop, best_fixed_policy
 from agents.compare import Comparison, PolicyScore, ResultRow, plot_pareto, score_policy
 from agents.evaluation import EvaluationRecord, EvaluationResult, PolicyFn, evaluate_policy
 from agents.finetune import FinetuneConfig, finetune
 from agents.pretrain import PretrainConfig, pretrain
 from agents.reinforce import TrainConfig, train
-from blockdrop_env.checkpoints import load_resnet
+from blockdrop_env.checkpoints import atomic_torch_save, load_resnet
 from blockdrop_env.data import ImageDataset, check_same_classes, load_image_folder
 from blockdrop_env.errors import BlockDropError, ConfigError
 from blockdrop_env.resnet import BlockDropResNet
-from blockdrop_env.rewards import DEFAULT_PENALTY, BlockUsageReward
+from blockdrop_env.rewards import BlockUsageReward
 
 NAME = "cifar10-resnet32"
+AGENT_FILE = "agent.pt"
+NOTES_FILE = "notes.md"
+CHECK_IMAGE_COUNTS = (1000, 2000, 10_000)
 STAGES = ("pretrain", "reinforce", "finetune", "evaluate", "baselines", "latency", "pictures")
 
-# Training throughputs of ResNet-32 on 2 CPU cores with no other load, images per second, as
-# measured by the training stages' own logs. Evaluation is assumed at 3x the pre-training rate,
-# because a training step costs about three forward passes. The estimate is only as good as these.
-PRETRAIN_IMAGES_PER_SECOND = 380.0
-REINFORCE_IMAGES_PER_SECOND = 450.0
-FINETUNE_IMAGES_PER_SECOND = 75.0
-EVAL_IMAGES_PER_SECOND = 3 * PRETRAIN_IMAGES_PER_SECOND
+# Throughputs of ResNet-32 on 2 AMD EPYC cores with no other load, images per second, from the
+# stage times of the run in docs/results/cifar10-resnet32.md. The estimate is only as good as
+# these: REINFORCE speeds up as the policy drops blocks.
+PRETRAIN_IMAGES_PER_SECOND = 350.0  # bfloat16 autocast with stochastic depth
+REINFORCE_IMAGES_PER_SECOND = 330.0
+FINETUNE_IMAGES_PER_SECOND = 135.0
+EVAL_IMAGES_PER_SECOND = 850.0
 DECODE_IMAGES_PER_SECOND = 6000.0  # JPEG decoding of the 32x32 images, one thread
 
 # Options that may differ when a run resumes; any other change needs a new --work-dir.
-RESUMABLE_OPTIONS = ("device", "work_dir")
+RESUMABLE_OPTIONS = ("device", "work_dir", "out_dir")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,9 +84,12 @@ class Recipe:
     out_dir: str = "docs/results"
     pretrain_epochs: int = 4
     pretrain_batch_size: int = 128
-    reinforce_epochs: int = 12
+    pretrain_stochastic_depth: float = 0.5
+    pretrain_precision: str = "bfloat16"
+    penalty: float = 1.0
+    reinforce_epochs: int = 6
     blocks_per_stage: int = 3
-    finetune_epochs: int = 4
+    finetune_epochs: int = 5
     finetune_images: int = 25_000
     batch_size: int = 256
     max_train_images: int | None = None
@@ -102,6 +107,9 @@ HELP = {
     "out_dir": "Where the markdown report and its folder of plots and results.json go.",
     "pretrain_epochs": "Epochs adapting the ResNet to the JPEG training images (stage 0).",
     "pretrain_batch_size": "Images per SGD step in stage 0.",
+    "pretrain_stochastic_depth": "Survival probability of the last block under stochastic depth in stage 0; 1 turns it off.",
+    "pretrain_precision": "Stage 0 arithmetic: bfloat16 autocast, or float32 on CPUs without native bfloat16.",
+    "penalty": "Reward of a wrong prediction is -penalty, in training (stages 1 and 2) and in every reported reward.",
     "reinforce_epochs": "Epochs of curriculum REINFORCE, curriculum included (stage 1).",
     "blocks_per_stage": "Blocks the agent gains per curriculum epoch (stage 1).",
     "finetune_epochs": "Epochs of joint fine-tuning (stage 2).",
@@ -123,13 +131,19 @@ def parse_recipe(argv: list[str] | None = None) -> Recipe:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     for item in fields(Recipe):
-        kind = int if "int" in str(item.type) else str
+        kind: type = str
+        if "int" in str(item.type):
+            kind = int
+        elif "float" in str(item.type):
+            kind = float
         parser.add_argument("--" + item.name.replace("_", "-"), type=kind, default=item.default, help=HELP[item.name])
     recipe = Recipe(**vars(parser.parse_args(argv)))
     for item in fields(Recipe):
         value = getattr(recipe, item.name)
         if isinstance(value, int) and item.name != "seed" and value < 1:
             raise ConfigError(f"--{item.name.replace('_', '-')} must be a positive integer, got {value}")
+    if not recipe.penalty >= 0:
+        raise ConfigError(f"--penalty must be >= 0, got {recipe.penalty}; pass a non-negative number such as 5")
     return recipe
 
 
@@ -253,8 +267,8 @@ class Pipeline:
 
     @property
     def reward(self) -> BlockUsageReward:
-        """Reward of stages 1 and 2: 1 - (blocks / K)² if correct, else -penalty (the default penalty)."""
-        return BlockUsageReward(DEFAULT_PENALTY)
+        """Reward of stages 1 and 2: 1 - (blocks / K)² if correct, else -penalty."""
+        return BlockUsageReward(self.recipe.penalty)
 
     def evaluate(
         self, model: BlockDropResNet, policy_fn: PolicyFn
@@ -286,6 +300,8 @@ def stage_pretrain(pipeline: Pipeline) -> dict[str, Any]:
         init=recipe.resnet,
         epochs=recipe.pretrain_epochs,
         batch_size=recipe.pretrain_batch_size,
+        stochastic_depth=recipe.pretrain_stochastic_depth,
+        precision=recipe.pretrain_precision,
         eval_batch_size=recipe.batch_size,
         device=recipe.device,
         seed=recipe.seed,
@@ -320,6 +336,7 @@ def stage_reinforce(pipeline: Pipeline) -> dict[str, Any]:
         batch_size=recipe.batch_size,
         epochs_per_stage=1,
         blocks_per_stage=recipe.blocks_per_stage,
+        penalty=recipe.penalty,
         max_train_images=recipe.max_train_images,
         max_test_images=recipe.max_test_images,
         device=recipe.device,
@@ -333,8 +350,9 @@ def stage_finetune(pipeline: Pipeline) -> dict[str, Any]:
     """Stage 2: train the policy and the ResNet jointly, starting from stage 1."""
     recipe = pipeline.recipe
     run_dir = pipeline.work_dir / "finetune"
+    # last.pt, not the run's best.pt: best.pt is chosen by test reward.
     config = FinetuneConfig(
-        from_run=str(pipeline.work_dir / "reinforce"),
+        from_run=str(pipeline.work_dir / "reinforce" / "last.pt"),
         run_dir=str(run_dir),
         epochs=recipe.finetune_epochs,
         batch_size=recipe.batch_size,
@@ -353,10 +371,8 @@ def stage_finetune(pipeline: Pipeline) -> dict[str, Any]:
 
 def stage_evaluate(pipeline: Pipeline) -> dict[str, Any]:
     """Stage 3: evaluate the agents of stages 1 and 2, and all blocks, on every test image."""
-    # The last epoch's agents, not best.pt: best.pt is chosen by test reward, so it would make
-    # the test numbers optimistic.
-    # NOTE: stage 2 starts from the curriculum run's best.pt (agents.finetune reads a run
-    # directory's best.pt), so the curriculum stage's choice of epoch did see the test reward.
+    # The last epoch's agents, here and in stage 2, never best.pt: best.pt is chosen by test
+    # reward, so it would make the test numbers optimistic.
     device = pipeline.recipe.device
     blockdrop, finetuned, info = load_agent(pipeline.work_dir / "finetune" / "last.pt", device)
     curriculum, adapted, curriculum_info = load_agent(pipeline.work_dir / "reinforce" / "last.pt", device)
@@ -619,6 +635,70 @@ def baseline_table(baselines: dict[str, Any]) -> list[str]:
     return lines
 
 
+def goals(results: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
+    """Check the run against its goals; return (goal, measured, required, met) rows."""
+    stages = results["stages"]
+    learned = stages["evaluate"]["blockdrop"]
+    reference = stages["pretrain"]["adapted_accuracy"]
+    num_blocks = learned["num_blocks"]
+    baselines = stages["baselines"]
+    total = sum(results["stage_seconds"].values())
+    rows = [
+        (
+            "accuracy >= adapted full network - 0.5 points",
+            percent(learned["accuracy"]),
+            f">= {percent(reference - 0.005)}",
+            learned["accuracy"] >= reference - 0.005,
+        ),
+        (
+            "mean blocks <= 60% of all",
+            f"{learned['blocks_mean']:.2f} of {num_blocks} ({learned['blocks_mean'] / num_blocks:.1%})",
+            f"<= {0.6 * num_blocks:.1f}",
+            learned["blocks_mean"] <= 0.6 * num_blocks,
+        ),
+    ]
+    for name, label in (("first_k_curve", "first-K"), ("random_drop_curve", "random-drop")):
+        curve = interpolate_accuracy(baselines[name], learned["blocks_mean"])
+        rows.append(
+            (
+                f"above the {label} curve at the same mean blocks",
+                percent(learned["accuracy"]),
+                f"> {percent(curve)}",
+                learned["accuracy"] > curve,
+            )
+        )
+    rows.append(("whole pipeline <= 2 hours", f"{total / 60:.1f} min", "<= 120 min", total <= 7200))
+    return rows
+
+
+def interpolate_accuracy(curve: list[dict[str, Any]], blocks: float) -> float:
+    """Interpolate a baseline curve's accuracy linearly at ``blocks`` mean blocks."""
+    points = sorted((row["blocks"], row["accuracy"]) for row in curve)
+    return float(np.interp(blocks, [b for b, _ in points], [a for _, a in points]))
+
+
+def goal_table(results: dict[str, Any]) -> list[str]:
+    """Build the markdown table of the goals, each met or missed."""
+    lines = ["| goal | measured | required | verdict |", "|---|---|---|---|"]
+    for goal, measured, required, met in goals(results):
+        lines.append(f"| {goal} | {measured} | {required} | {'met' if met else '**missed**'} |")
+    return lines
+
+
+def time_row(stage: str, seconds: float, estimated: float | None) -> str:
+    """Format one row of the time table; stages without an estimate show a dash."""
+    estimate_cell = "-" if estimated is None else f"{estimated:.0f}"
+    return f"| {stage} | {seconds:.0f} | {estimate_cell} |"
+
+
+def notes(figures: Path) -> list[str]:
+    """Return the hand-written findings in ``figures/notes.md``, kept when the report is rewritten."""
+    path = figures / NOTES_FILE
+    if not path.exists():
+        return []
+    return [path.read_text(encoding="utf-8").rstrip(), ""]
+
+
 def write_report(pipeline: Pipeline, results: dict[str, Any], estimate: dict[str, float]) -> Path:
     """Write the markdown report and results.json; return the report's path."""
     recipe = pipeline.recipe
@@ -636,9 +716,21 @@ def write_report(pipeline: Pipeline, results: dict[str, Any], estimate: dict[str
         results["command"],
         "```",
         "",
+        "## Goals",
+        "",
+        *goal_table(results),
+        "",
         "## Test results",
         "",
         *evaluation_table(results["stages"]["evaluate"], results["stages"]["pretrain"]),
+        "",
+        "The final agent (policy network and fine-tuned ResNet) is "
+        f"[`{NAME}/{AGENT_FILE}`]({NAME}/{AGENT_FILE}); this reproduces its row:",
+        "",
+        "```bash",
+        f"blockdrop evaluate --checkpoint {Path(recipe.out_dir) / NAME / AGENT_FILE} --dataset imagefolder \\",
+        f"    --data-dir {recipe.data_dir} --split test --json",
+        "```",
         "",
         *baseline_table(results["stages"]["baselines"]),
         "",
@@ -651,6 +743,7 @@ def write_report(pipeline: Pipeline, results: dict[str, Any], estimate: dict[str
         "",
         f"torch threads: {latency['threads']}.",
         "",
+        *notes(figures),
         "## Pictures",
         "",
         *[f"![{name}]({NAME}/{Path(path).name})" for name, path in pictures.items()],
@@ -659,12 +752,11 @@ def write_report(pipeline: Pipeline, results: dict[str, Any], estimate: dict[str
         "",
         "| stage | measured (s) | estimated (s) |",
         "|---|---|---|",
-        *[
-            f"| {stage} | {results['stages'][stage]['seconds']:.0f} | {estimate.get(stage, math.nan):.0f} |"
-            for stage in STAGES
-        ],
+        *[time_row(stage, seconds, estimate.get(stage)) for stage, seconds in results["stage_seconds"].items()],
+        f"| total | {sum(results['stage_seconds'].values()):.0f} | {sum(estimate.values()):.0f} |",
         "",
-        "A stage resumed from an earlier call shows only the time of the call that finished it.",
+        "A training stage resumed after a kill counts the epochs of every call; the other stages count "
+        "the call that finished them; decode is the last call's.",
         "",
         "## Machine",
         "",
@@ -698,7 +790,9 @@ def run(recipe: Recipe) -> Path:
     """Run every stage that has not finished yet and write the report."""
     work_dir = Path(recipe.work_dir)
     check_same_recipe(recipe, work_dir)
+    started = time.perf_counter()
     train_data, test_data, decoded = load_splits(recipe)
+    decode_seconds = time.perf_counter() - started
     pipeline = Pipeline(recipe, train_data, test_data)
     num_blocks = load_resnet(recipe.resnet).model.num_blocks
     estimate = estimate_seconds(recipe, len(train_data), len(test_data), num_blocks, decoded)
@@ -715,6 +809,10 @@ def run(recipe: Recipe) -> Path:
     stages["pictures"] = run_stage(
         6, "pictures", work_dir, lambda: stage_pictures(pipeline, stages["evaluate"], stages["baselines"])
     )
+    drawn = [Path(path).name for name, path in stages["pictures"].items() if name != "seconds"]
+    if not all((pipeline.figures_dir / name).exists() for name in drawn):
+        # A finished run rewritten into another --out-dir: draw the plots there too.
+        stages["pictures"].update(stage_pictures(pipeline, stages["evaluate"], stages["baselines"]))
 
     results = {
         "command": command_line(recipe),
@@ -723,8 +821,56 @@ def run(recipe: Recipe) -> Path:
         "estimated_seconds": estimate,
         "stages": stages,
         "latency": stages["latency"],
+        "stage_seconds": {
+            "decode": decode_seconds,
+            **{stage: stage_seconds(pipeline, stage, stages[stage]) for stage in STAGES},
+        },
+        "agent": str(export_agent(pipeline)),
+        "checks": first_images_checks(pipeline),
     }
     return write_report(pipeline, results, estimate)
+
+
+def stage_seconds(pipeline: Pipeline, name: str, result: dict[str, Any]) -> float:
+    """Return the seconds a stage took over all calls, counting the epochs of killed calls too.
+
+    The stage's own result stores only the time of the call that finished it.
+    """
+    metrics = pipeline.work_dir / name / "metrics.jsonl"
+    if not metrics.exists():
+        return float(result["seconds"])
+    rows = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
+    epochs = sum(row.get("time/epoch_seconds", 0.0) for row in rows)
+    return max(float(result["seconds"]), epochs)
+
+
+def export_agent(pipeline: Pipeline) -> Path:
+    """Save the final agent without its optimiser and RNG state, small enough to commit."""
+    state = read_agent_checkpoint(pipeline.work_dir / "finetune" / "last.pt")
+    state.pop("training", None)
+    path = pipeline.figures_dir / AGENT_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_torch_save(state, path)
+    return path
+
+
+def first_images_checks(pipeline: Pipeline) -> dict[str, dict[str, float]]:
+    """Compute the final agent's accuracy and mean blocks on the first N test images from stage 3's record.
+
+    ``blockdrop evaluate --num-images N`` evaluates the same images, so these let a test check
+    the exported agent without evaluating all of them.
+    """
+    if pipeline.recipe.max_test_images is not None:
+        return {}  # a random subset: its first images are not the split's first images
+    record = torch.load(pipeline.work_dir / "stages" / "blockdrop_record.pt", weights_only=True)
+    checks = {}
+    for count in CHECK_IMAGE_COUNTS:
+        count = min(count, len(record["correct"]))
+        checks[str(count)] = {
+            "accuracy": float(record["correct"][:count].double().mean()),
+            "blocks_mean": float(record["policies"][:count].sum(dim=1).double().mean()),
+        }
+    return checks
 
 
 def print_summary(report: Path, results_path: Path) -> None:

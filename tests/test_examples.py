@@ -18,7 +18,9 @@ from tests.conftest import CIFAR10_JPEG, MODELS, REPO_ROOT, require_real_data, w
 EXAMPLES = REPO_ROOT / "examples"
 NUMBER = r"(-?\d+(?:\.\d+)?)"
 POLICY_LINE = re.compile(rf"^([\w-]+): accuracy {NUMBER}, mean blocks {NUMBER} of (\d+), mean reward {NUMBER}$", re.M)
-PIPELINE_FILES = ("fewest_most_blocks.png", "block_usage.png", "blocks_per_class.png", "pareto.png", "results.json")
+PIPELINE_FILES = (
+    "fewest_most_blocks.png", "block_usage.png", "blocks_per_class.png", "pareto.png", "results.json", "agent.pt",
+)  # fmt: skip
 
 
 def run_example(script: str, *args: str | Path, expected_status: int = 0) -> str:
@@ -107,7 +109,7 @@ def check_pipeline_outputs(out_dir: Path, num_blocks: int) -> dict:
     report = out_dir / "cifar10-resnet32.md"
     assert report.is_file()
     text = report.read_text(encoding="utf-8")
-    for heading in ("## Test results", "## CPU latency", "## Time per stage", "## Machine"):
+    for heading in ("## Goals", "## Test results", "## CPU latency", "## Time per stage", "## Machine"):
         assert heading in text
     assert "python examples/cifar10_resnet32.py --data-dir" in text
     for name in PIPELINE_FILES:
@@ -129,6 +131,9 @@ def check_pipeline_outputs(out_dir: Path, num_blocks: int) -> dict:
         assert latency[key] > 0.0
     assert results["machine"]["cpu_count"] >= 1
     assert 0.0 <= results["stages"]["pretrain"]["original_accuracy"] <= 1.0
+    assert set(results["stage_seconds"]) == {"decode", "pretrain", "reinforce", "finetune", "evaluate",
+                                             "baselines", "latency", "pictures"}  # fmt: skip
+    assert all(seconds > 0.0 for seconds in results["stage_seconds"].values())
     return results
 
 
@@ -153,8 +158,16 @@ def test_cifar10_pipeline_runs_every_stage_on_tiny_data(tmp_path: Path, tiny_pip
     for index in range(7):
         assert re.search(rf"stage {index} \(\w+\): finished in {NUMBER} s", output)
     assert re.search(rf"^blockdrop: accuracy {NUMBER}, blocks {NUMBER} ± {NUMBER}", output, re.M)
-    check_pipeline_outputs(tmp_path / "docs", num_blocks=3)
+    results = check_pipeline_outputs(tmp_path / "docs", num_blocks=3)
     assert (tmp_path / "work" / "finetune" / "last.pt").is_file()
+
+    # The exported agent is the final one without its training state, and scores what stage 3 recorded.
+    agent = torch.load(tmp_path / "docs" / "cifar10-resnet32" / "agent.pt", weights_only=True)
+    assert "training" not in agent
+    blockdrop = results["stages"]["evaluate"]["blockdrop"]
+    checks = results["checks"][str(blockdrop["num_images"])]
+    assert checks["accuracy"] == pytest.approx(blockdrop["accuracy"])
+    assert checks["blocks_mean"] == pytest.approx(blockdrop["blocks_mean"])
 
     # The same command again resumes: every stage has finished, so none runs.
     rerun = run_example("cifar10_resnet32.py", *tiny_pipeline_args)
