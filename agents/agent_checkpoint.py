@@ -31,7 +31,7 @@ from agents.runs import BEST_CHECKPOINT, LAST_CHECKPOINT
 from blockdrop_env import checkpoints
 from blockdrop_env.checkpoints import LoadedResNet, read_checkpoint, resnet_from_state
 from blockdrop_env.errors import CheckpointError
-from blockdrop_env.resnet import BlockDropResNet
+from blockdrop_env.resnet import BlockDropResNet, prefer_channels_last
 
 AGENT_FORMAT = "blockdrop_agent"
 AGENT_FORMAT_VERSION = 1
@@ -192,7 +192,8 @@ def agent_policy_fn(
     """Turn a policy network into a deterministic policy for evaluation.
 
     Args:
-        policy: The policy network; switched to eval mode on every call.
+        policy: The policy network; switched to eval mode on every call, and to channels-last
+            weights on a CPU.
         num_controlled: Trailing blocks it controls (the others always run); None means all K.
 
     Returns:
@@ -204,6 +205,7 @@ def agent_policy_fn(
     """
     k = policy.num_blocks if num_controlled is None else num_controlled
     mask = controlled_mask(policy.num_blocks, k)
+    prefer_channels_last(policy, next(policy.parameters()).device)
 
     def policy_fn(images: torch.Tensor) -> torch.Tensor:
         policy.eval()

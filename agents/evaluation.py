@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from blockdrop_env.data import ImageDataset
 from blockdrop_env.errors import ConfigError
-from blockdrop_env.resnet import BlockDropResNet
+from blockdrop_env.resnet import BlockDropResNet, prefer_channels_last
 
 PolicyFn = Callable[[torch.Tensor], torch.Tensor]
 """Maps uint8 images (B, 3, H, W) on the evaluation device to a 0/1 policy (B, K)."""
@@ -95,7 +95,7 @@ def evaluate_policy(
             f"the dataset has {dataset.num_classes} classes but the model predicts "
             f"{model.num_classes}; pass a checkpoint trained on this dataset"
         )
-    model = model.to(device).eval()
+    model = prefer_channels_last(model.to(device).eval(), device)
     predictions, policies = [], []
     bar = tqdm(total=len(dataset), unit="img", disable=not progress, leave=False)
     correct_so_far = seen = 0

@@ -202,7 +202,7 @@ def fill_from_source(config: FinetuneConfig) -> FinetuneConfig:
         ConfigError: if ``config.from_run`` is neither a run directory nor a file inside one.
     """
     source = Path(config.from_run)
-    # A checkpoint file takes its settings from the run directory that holds it.
+    # A checkpoint file takes its settings from the run directory that contains it.
     run_dir = source.parent if source.is_file() else source
     if not run_dir.is_dir():
         raise ConfigError(

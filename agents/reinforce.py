@@ -53,7 +53,7 @@ from agents.policy import PolicyConfig, PolicyNetwork, controlled_mask, image_st
 from agents.runs import BEST_CHECKPOINT, LAST_CHECKPOINT, RunDirectory, capture_rng_state, restore_rng_state
 from blockdrop_env.data import ImageDataset, check_same_classes, load_dataset
 from blockdrop_env.errors import CheckpointError, ConfigError, TrainingError
-from blockdrop_env.resnet import BlockDropResNet
+from blockdrop_env.resnet import BlockDropResNet, prefer_channels_last
 from blockdrop_env.rewards import BlockUsageReward, RewardFunction
 from blockdrop_env.vector_env import BlockDropVectorEnv
 
@@ -360,7 +360,9 @@ class EpochTrainer:
         self.config = config
         self.env = env
         self.test_data = test_data
-        self.policy = policy
+        # The layout evaluation gives the policy anyway: set it before the first step, so that a
+        # resumed run trains in the same layout as an uninterrupted one.
+        self.policy = prefer_channels_last(policy, next(policy.parameters()).device)
         self.optimizer = optimizer
         self.schedule = schedule
         self.reward = reward

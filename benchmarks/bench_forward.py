@@ -298,7 +298,7 @@ def experiment_channels_last(model: BlockDropResNet, x: torch.Tensor, half: torc
 
 
 def forward_index_select(model: BlockDropResNet, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """The sparse forward as first written: ``index_select`` for both gathers, a fresh ReLU output.
+    """Run the sparse forward as first written: ``index_select`` for both gathers, a fresh ReLU output.
 
     ``BlockDropResNet`` now gathers once by indexing (which keeps a channels-last layout) and adds
     the shortcut in place; this copy measures what that change is worth.
@@ -320,7 +320,7 @@ def forward_index_select(model: BlockDropResNet, x: torch.Tensor, keep: torch.Te
 
 
 def experiment_gather(model: BlockDropResNet, x: torch.Tensor, half: torch.Tensor, rounds: int) -> dict[str, Any]:
-    """The current half-kept sparse forward vs the first one, in both memory layouts."""
+    """Time the current half-kept sparse forward against the first one, in both memory layouts."""
     last = copy.deepcopy(model).to(memory_format=torch.channels_last)
     x_last = x.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():

@@ -33,7 +33,7 @@ import torch
 from agents.agent_checkpoint import agent_policy_fn, load_agent, resolve_agent_path
 from agents.policy import PolicyConfig, PolicyNetwork
 from blockdrop_env.data import load_dataset
-from blockdrop_env.resnet import BlockDropResNet, build_resnet
+from blockdrop_env.resnet import BlockDropResNet, build_resnet, prefer_channels_last
 from common import count_macs, finish, keep_exactly, machine_info, medians, target, time_interleaved, write_json
 
 TARGET_LATENCY_OVER_FLOPS = 0.8
@@ -140,6 +140,8 @@ def main() -> None:
     started = time.perf_counter()
     setup = checkpoint_setup if args.checkpoint else random_setup
     model, policy_net, images, policy_fn, source = setup(args)
+    # The layout the env and evaluate_policy run the ResNet in; agent_policy_fn sets the policy network's.
+    model = prefer_channels_last(model, "cpu")
 
     times, policies = measure(model, policy_fn, images, args.rounds)
     policy_macs = count_macs(policy_net.eval(), images[:1])

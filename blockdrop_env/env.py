@@ -20,7 +20,7 @@ from gymnasium.error import ResetNeeded
 
 from blockdrop_env.data import ImageDataset
 from blockdrop_env.errors import ConfigError, DatasetError
-from blockdrop_env.resnet import BlockDropResNet
+from blockdrop_env.resnet import BlockDropResNet, prefer_channels_last
 from blockdrop_env.rewards import DEFAULT_PENALTY, BlockUsageReward, RewardFunction
 
 SAMPLING_MODES = ("shuffle", "sequential")
@@ -262,7 +262,7 @@ class BlockDropSimulator:
         device: torch.device,
     ) -> None:
         check_compatible(model, dataset)
-        self.model = model.to(device).eval()
+        self.model = prefer_channels_last(model.to(device).eval(), device)
         self.dataset = dataset
         self.reward = reward
         self.augment = bool(augment)

@@ -100,7 +100,7 @@ def test_finetune_rejects_missing_source_run(tmp_path, capsys):
     status, _, err = run_cli(["finetune", "--from", str(tmp_path / "none"), "--run-dir", str(tmp_path / "ft")], capsys)
     assert status == 2
     assert err.count("\n") == 1
-    assert "is not a directory" in err
+    assert "does not exist" in err
 
 
 @pytest.mark.parametrize(

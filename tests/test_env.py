@@ -450,3 +450,10 @@ def test_checkpoint_of_wrong_type_is_rejected():
 def test_unknown_render_mode_is_rejected():
     with pytest.raises(ConfigError, match="`render_mode` must be None or 'rgb_array'"):
         make_env(render_mode="human")
+
+
+def test_env_stores_weights_channels_last_on_cpu():
+    env = make_env()
+    weights = [p for p in env.model.parameters() if p.dim() == 4]
+    assert weights
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in weights)

@@ -55,7 +55,7 @@ def test_fill_from_source_copies_penalty_and_data(source_run, tmp_path):
     assert config.data_dir == "data"
 
 
-def test_fill_from_source_reads_the_run_of_a_checkpoint_file(source_run, tmp_path):
+def test_fill_from_source_accepts_checkpoint_file(source_run, tmp_path):
     checkpoint = next(source_run.glob("*.pt"))
     config = fill_from_source(FinetuneConfig(from_run=str(checkpoint), run_dir=str(tmp_path / "ft")))
     assert config.penalty == 3.0

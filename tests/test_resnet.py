@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -11,6 +13,7 @@ from blockdrop_env.resnet import (
     ImageNetResNet,
     Normalization,
     build_resnet,
+    prefer_channels_last,
 )
 
 
@@ -70,6 +73,22 @@ def test_sparse_matches_masked_on_random_policies(name, model, size):
         full = model(x)
     torch.testing.assert_close(sparse, masked, rtol=0, atol=1e-4)
     assert not torch.allclose(sparse, full, atol=1e-3)
+
+
+@pytest.mark.parametrize(("name", "model", "size"), MODELS, ids=MODEL_IDS)
+def test_sparse_forward_channels_last_matches_contiguous(name, model, size):
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(8, 3, *size, generator=generator)
+    policy = torch.randint(0, 2, (8, model.num_blocks), generator=generator)
+    last = prefer_channels_last(copy.deepcopy(model), "cpu")
+    weights = [p for p in last.parameters() if p.dim() == 4]
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in weights)
+    with torch.no_grad():
+        expected = model(x, policy, mode="sparse")
+        stem = last.stem(x)
+        actual = last(x, policy, mode="sparse")
+    assert stem.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-4)
 
 
 def test_dropped_block_is_not_computed_for_any_sample(monkeypatch):
