@@ -92,6 +92,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--experiments", action="store_true", help="also time the optimisation experiments")
     parser.add_argument("--compile", action="store_true", help="include torch.compile in the experiments")
     parser.add_argument("--threads", type=int, default=None, help="torch threads; default: torch's choice")
+    parser.add_argument("--channels-last", action="store_true", help="store the weights channels-last, as on CPUs")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
 
@@ -171,9 +172,12 @@ def measure_zero_one(model: BlockDropResNet, batch_size: int, rounds: int) -> di
     }
 
 
-def measure_arch(plan: ArchPlan, zero_one_batch: int, seed: int) -> dict[str, Any]:
+def measure_arch(plan: ArchPlan, zero_one_batch: int, seed: int, channels_last: bool = False) -> dict[str, Any]:
     """Every batch size of the plan, and the all-zero vs all-one comparison."""
     model = build_model(plan, seed)
+    if channels_last:
+        # Inputs stay contiguous, as preprocess returns them: convolutions follow the weights.
+        model.to(memory_format=torch.channels_last)
     started = time.perf_counter()
     result: dict[str, Any] = {
         "num_blocks": model.num_blocks,
@@ -459,8 +463,13 @@ def main() -> None:
     zero_one_batch = 4 if args.quick else ZERO_ONE_BATCH
     result: dict[str, Any] = {
         "benchmark": "forward",
-        "setup": {**machine_info(), "quick": args.quick, "keep_fractions": list(KEEP_FRACTIONS)},
-        "archs": {plan.arch: measure_arch(plan, zero_one_batch, args.seed) for plan in plans},
+        "setup": {
+            **machine_info(),
+            "quick": args.quick,
+            "keep_fractions": list(KEEP_FRACTIONS),
+            "layout": "channels_last" if args.channels_last else "contiguous",
+        },
+        "archs": {plan.arch: measure_arch(plan, zero_one_batch, args.seed, args.channels_last) for plan in plans},
     }
     result["targets"] = forward_targets(result["archs"])
     if args.experiments:

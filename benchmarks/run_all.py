@@ -24,6 +24,7 @@ BENCHMARK_DIR = Path(__file__).resolve().parent
 # name -> (script, extra arguments of the full run)
 BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "forward": ("bench_forward.py", ["--experiments", "--compile"]),
+    "forward_channels_last": ("bench_forward.py", ["--channels-last"]),
     "resnet": ("bench_resnet.py", []),
     "env": ("bench_env.py", []),
     "training": ("bench_training.py", []),
@@ -231,6 +232,15 @@ def write_readme(path: Path, results: dict[str, Any], runs: dict[str, Any], quic
             lines += ["## What was tried", "", *experiment_lines(results["forward"]["experiments"]), ""]
             for note in NOTES:
                 lines += [note, ""]
+    if "forward_channels_last" in results:
+        lines += [
+            "## Forward with channels-last weights",
+            "",
+            "The same grid with the weights stored channels-last, the layout the env uses on a CPU.",
+            "",
+            *forward_tables(results["forward_channels_last"]),
+            "",
+        ]
     lines += other_lines(results)
     lines += ["## Wall time", "", "| Benchmark | seconds | exit status |", "|---|---|---|"]
     lines += [f"| {name} | {run['wall_seconds']:.0f} | {run['returncode']} |" for name, run in runs.items()]
