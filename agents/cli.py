@@ -53,7 +53,7 @@ def cli() -> None:
 @click.option("--split", type=click.Choice(["train", "test"]), default="test", help="Dataset split to evaluate.")
 @click.option("--policy", "policy_spec", default="all", help="Fixed policy: all, first:K or random:P.")
 @click.option("--normalization", type=click.Choice(list(NORMALIZATIONS)), default="auto", help="Input normalisation; auto takes the checkpoint format's default.")
-@click.option("--num-images", type=int, default=None, callback=positive_int, help="Evaluate only the first N images of the split.")
+@click.option("--num-images", type=int, default=None, callback=positive_int, help="Evaluate only the first N images of the split, in file order (an ImageFolder split is sorted by class, so they may cover few classes).")
 @click.option("--batch-size", type=int, default=256, callback=positive_int, help="Images per forward pass.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", help="Where the network runs.")
 @click.option("--seed", type=int, default=0, help="Seed of random:P policies.")

@@ -33,7 +33,7 @@ from agents.reinforce import (
     sample_actions,
     validate_common,
 )
-from agents.runs import RunDirectory
+from agents.runs import CONFIG_FILE, RunDirectory
 from blockdrop_env.checkpoints import check_dataset_classes, resnet_from_state
 from blockdrop_env.data import ImageDataset
 from blockdrop_env.errors import ConfigError
@@ -208,6 +208,11 @@ def fill_from_source(config: FinetuneConfig) -> FinetuneConfig:
         raise ConfigError(
             f"from_run (--from) {source} does not exist; pass the run directory of `blockdrop train` "
             "or one of its checkpoint files"
+        )
+    if source.is_file() and not (run_dir / CONFIG_FILE).is_file():
+        raise ConfigError(
+            f"from_run (--from) {source} is not inside a `blockdrop train` run directory (no config.json "
+            "next to it); pass the run directory, or its last.pt or best.pt"
         )
     saved = RunDirectory(run_dir, tensorboard=False).read_config()
     values = {name: getattr(config, name) for name in config.__dataclass_fields__}

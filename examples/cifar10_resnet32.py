@@ -43,7 +43,7 @@ from agents.baselines import AllBlocks, BestFixedPolicy, FirstK, RandomDrop, bes
 from agents.compare import Comparison, PolicyScore, ResultRow, plot_pareto, score_policy
 from agents.evaluation import EvaluationRecord, EvaluationResult, PolicyFn, evaluate_policy
 from agents.finetune import FinetuneConfig, finetune
-from agents.pretrain import PretrainConfig, pretrain
+from agents.pretrain import PRECISIONS, PretrainConfig, pretrain
 from agents.reinforce import TrainConfig, train
 from blockdrop_env.checkpoints import atomic_torch_save, load_resnet
 from blockdrop_env.data import ImageDataset, check_same_classes, load_image_folder
@@ -143,7 +143,15 @@ def parse_recipe(argv: list[str] | None = None) -> Recipe:
         if isinstance(value, int) and item.name != "seed" and value < 1:
             raise ConfigError(f"--{item.name.replace('_', '-')} must be a positive integer, got {value}")
     if not recipe.penalty >= 0:
-        raise ConfigError(f"--penalty must be >= 0, got {recipe.penalty}; pass a non-negative number such as 5")
+        raise ConfigError(f"--penalty must be >= 0, got {recipe.penalty}; pass a non-negative number such as 1")
+    # Checked here as well as in stage 0, so that a bad value never reaches recipe.json.
+    if recipe.pretrain_precision not in PRECISIONS:
+        raise ConfigError(f"--pretrain-precision must be one of {', '.join(PRECISIONS)}, got {recipe.pretrain_precision!r}")
+    if not 0 < recipe.pretrain_stochastic_depth <= 1:
+        raise ConfigError(
+            f"--pretrain-stochastic-depth must be a survival probability in (0, 1], got {recipe.pretrain_stochastic_depth}; "
+            "1 turns stochastic depth off"
+        )
     return recipe
 
 
@@ -720,6 +728,9 @@ def write_report(pipeline: Pipeline, results: dict[str, Any], estimate: dict[str
         "",
         *goal_table(results),
         "",
+        "The curve values are interpolated linearly at the agent's mean blocks; the baseline table "
+        "below lists the nearest measured points.",
+        "",
         "## Test results",
         "",
         *evaluation_table(results["stages"]["evaluate"], results["stages"]["pretrain"]),
@@ -756,7 +767,8 @@ def write_report(pipeline: Pipeline, results: dict[str, Any], estimate: dict[str
         f"| total | {sum(results['stage_seconds'].values()):.0f} | {sum(estimate.values()):.0f} |",
         "",
         "A training stage resumed after a kill counts the epochs of every call; the other stages count "
-        "the call that finished them; decode is the last call's.",
+        "the call that finished them; decode is the last call's. The estimates come from the throughput "
+        "constants at the top of the script, which were set from the stage times of the recorded run.",
         "",
         "## Machine",
         "",

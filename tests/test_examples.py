@@ -190,6 +190,24 @@ def test_cifar10_pipeline_rejects_changed_recipe(
     assert "Traceback" not in output
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--pretrain-precision", "float16", "--pretrain-precision must be one of float32, bfloat16"),
+        ("--pretrain-stochastic-depth", "0", "--pretrain-stochastic-depth must be a survival probability"),
+        ("--penalty", "-1", "--penalty must be >= 0"),
+    ],
+)
+def test_cifar10_pipeline_rejects_bad_option_before_writing(
+    tmp_path: Path, tiny_pipeline_args: list[str | Path], option: str, value: str, message: str
+) -> None:
+    output = run_example("cifar10_resnet32.py", *tiny_pipeline_args, option, value, expected_status=2)
+
+    assert message in output
+    assert "Traceback" not in output
+    assert not (tmp_path / "work" / "recipe.json").exists()
+
+
 @pytest.mark.real_data
 @pytest.mark.slow
 def test_cifar10_pipeline_smoke_run_on_real_data(tmp_path: Path) -> None:

@@ -62,6 +62,13 @@ def test_fill_from_source_accepts_checkpoint_file(source_run, tmp_path):
     assert config.data_dir == "data"
 
 
+def test_fill_from_source_rejects_file_outside_run(tmp_path):
+    stray = tmp_path / "agent.pt"
+    stray.write_bytes(b"not a run")
+    with pytest.raises(ConfigError, match="is not inside a `blockdrop train` run directory"):
+        fill_from_source(FinetuneConfig(from_run=str(stray), run_dir=str(tmp_path / "ft")))
+
+
 def test_fill_from_source_rejects_missing_run(tmp_path):
     with pytest.raises(ConfigError, match="does not exist; pass the run directory"):
         fill_from_source(FinetuneConfig(from_run=str(tmp_path / "none"), run_dir=str(tmp_path / "ft")))
