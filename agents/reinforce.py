@@ -177,7 +177,7 @@ class TrainConfig:
     dataset: str = _option("shapes", "Dataset: shapes (built in, no files), imagefolder, cifar10 or cifar100.")
     data_dir: str = _option("", "Dataset root with the train and test splits; not used by shapes.")
     run_dir: str = _option("", "Directory for config, metrics, TensorBoard events and checkpoints.")
-    # The defaults are a quick start: about 5 minutes on 2 CPU cores with the shipped shapes
+    # The defaults are a quick start: about 3 minutes on 2 CPU cores with the shipped shapes
     # ResNet-32. Full runs raise --epochs and drop the image limits.
     epochs: int = _option(6, "Total epochs, curriculum stages included.")
     batch_size: int = _option(256, "Images per step (the vector env's num_envs); also the test batch size.")
