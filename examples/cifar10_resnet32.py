@@ -59,7 +59,7 @@ STAGES = ("pretrain", "reinforce", "finetune", "evaluate", "baselines", "latency
 
 # Throughputs of ResNet-32 on 2 AMD EPYC cores with no other load, images per second, from the
 # stage times of the run in docs/results/cifar10-resnet32.md. The estimate is only as good as
-# these: REINFORCE speeds up as the policy drops blocks.
+# these, and REINFORCE speeds up as the policy drops blocks.
 PRETRAIN_IMAGES_PER_SECOND = 350.0  # bfloat16 autocast with stochastic depth
 REINFORCE_IMAGES_PER_SECOND = 330.0
 FINETUNE_IMAGES_PER_SECOND = 135.0
@@ -358,7 +358,7 @@ def stage_finetune(pipeline: Pipeline) -> dict[str, Any]:
     """Stage 2: train the policy and the ResNet jointly, starting from stage 1."""
     recipe = pipeline.recipe
     run_dir = pipeline.work_dir / "finetune"
-    # last.pt, not the run's best.pt: best.pt is chosen by test reward.
+    # Start from last.pt, not the run's best.pt, because best.pt is chosen by test reward.
     config = FinetuneConfig(
         from_run=str(pipeline.work_dir / "reinforce" / "last.pt"),
         run_dir=str(run_dir),
@@ -379,8 +379,8 @@ def stage_finetune(pipeline: Pipeline) -> dict[str, Any]:
 
 def stage_evaluate(pipeline: Pipeline) -> dict[str, Any]:
     """Stage 3: evaluate the agents of stages 1 and 2, and all blocks, on every test image."""
-    # The last epoch's agents, here and in stage 2, never best.pt: best.pt is chosen by test
-    # reward, so it would make the test numbers optimistic.
+    # Use the last epoch's agents, here and in stage 2. best.pt is chosen by test reward, so it
+    # would make the test numbers optimistic.
     device = pipeline.recipe.device
     blockdrop, finetuned, info = load_agent(pipeline.work_dir / "finetune" / "last.pt", device)
     curriculum, adapted, curriculum_info = load_agent(pipeline.work_dir / "reinforce" / "last.pt", device)
@@ -873,7 +873,7 @@ def first_images_checks(pipeline: Pipeline) -> dict[str, dict[str, float]]:
     the exported agent without evaluating all of them.
     """
     if pipeline.recipe.max_test_images is not None:
-        return {}  # a random subset: its first images are not the split's first images
+        return {}  # The first images of a random subset are not the split's first images.
     record = torch.load(pipeline.work_dir / "stages" / "blockdrop_record.pt", weights_only=True)
     checks = {}
     for count in CHECK_IMAGE_COUNTS:
