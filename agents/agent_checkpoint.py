@@ -36,6 +36,8 @@ from blockdrop_env.resnet import BlockDropResNet, prefer_channels_last
 AGENT_FORMAT = "blockdrop_agent"
 AGENT_FORMAT_VERSION = 1
 _REQUIRED_KEYS = ("policy_config", "policy", "resnet", "num_controlled")
+# The final agent of `blockdrop pretrain --agent`; its best.pt and last.pt contain only its ResNet.
+EXPORTED_AGENT = "agent.pt"
 
 
 @dataclass
@@ -92,7 +94,10 @@ def agent_state(
 
 
 def resolve_agent_path(path_or_run_dir: str | Path) -> Path:
-    """Return the checkpoint file: ``path`` itself, or a run directory's best.pt, else last.pt.
+    """Return the checkpoint file: ``path`` itself, or a run directory's agent file.
+
+    In a run directory that is agent.pt (written by ``blockdrop pretrain --agent``), else best.pt,
+    else last.pt (written by ``blockdrop train`` and ``blockdrop finetune``).
 
     Raises:
         CheckpointError: if the path does not exist or the run directory has no checkpoint.
@@ -101,7 +106,7 @@ def resolve_agent_path(path_or_run_dir: str | Path) -> Path:
     if path.is_file():
         return path
     if path.is_dir():
-        for name in (BEST_CHECKPOINT, LAST_CHECKPOINT):
+        for name in (EXPORTED_AGENT, BEST_CHECKPOINT, LAST_CHECKPOINT):
             if (path / name).is_file():
                 return path / name
         raise CheckpointError(
@@ -111,8 +116,10 @@ def resolve_agent_path(path_or_run_dir: str | Path) -> Path:
     raise CheckpointError(f"agent checkpoint {path} not found; pass a run directory or a .pt file")
 
 
-def read_agent_checkpoint(path: Path) -> dict[str, Any]:
+def read_agent_checkpoint(path: Path, resnet_option: str = "--resnet") -> dict[str, Any]:
     """Load an agent checkpoint file with ``weights_only=True`` and check its format.
+
+    ``resnet_option`` is the caller's option for a plain ResNet checkpoint, named in the error.
 
     Raises:
         CheckpointError: if the file cannot be read or is not a ``blockdrop_agent`` checkpoint.
@@ -122,7 +129,7 @@ def read_agent_checkpoint(path: Path) -> dict[str, Any]:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(
             f"{path} is not an agent checkpoint (format {found!r}, expected {AGENT_FORMAT!r}); "
-            "for a plain ResNet checkpoint use --resnet instead"
+            f"for a plain ResNet checkpoint use {resnet_option} instead"
         )
     if state.get("format_version") != AGENT_FORMAT_VERSION:
         raise CheckpointError(

@@ -44,6 +44,7 @@ def _default(name: str) -> Any:
 @click.command("pretrain")
 @click.option("--arch", default=None, help=_help("arch"))
 @click.option("--init", type=click.Path(dir_okay=False), default=None, help=_help("init"))
+@click.option("--agent", type=click.Path(), default=None, help=_help("agent"))
 @click.option("--dataset", type=click.Choice(DATASET_NAMES), default=_default("dataset"), help=_help("dataset"))
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None, help=_help("data_dir"))
 @click.option("--run-dir", type=click.Path(file_okay=False), required=True, help="Run directory for config, metrics and checkpoints.")
@@ -67,7 +68,7 @@ def _default(name: str) -> Any:
 @click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines; print only the summary.")
 @click.pass_context
 def pretrain_command(ctx: click.Context, **options: Any) -> None:
-    """Train a ResNet, or fine-tune the one given by --init, and save it for `blockdrop evaluate`."""
+    """Train a ResNet, or fine-tune the one given by --init or --agent, and save it for `blockdrop evaluate`."""
     run = RunDirectory(options["run_dir"])
     if options["resume"] and not run.has_checkpoint(LAST_CHECKPOINT):
         raise ConfigError(
@@ -123,6 +124,8 @@ def _echo_epoch(epoch: int, metrics: Mapping[str, float]) -> None:
         f"{metrics['train/accuracy']:.4f}, test accuracy {metrics['test/accuracy']:.4f}, "
         f"lr {metrics['lr']:.4g}, {metrics['train/images_per_second']:.0f} images/s"
     )
+    if "test/blocks_mean" in metrics:
+        line += f", test blocks {metrics['test/blocks_mean']:.2f}"
     # click.echo to stderr would tear the progress bar; tqdm.write prints above it.
     tqdm.write(line, file=click.get_text_stream("stderr"))
 
@@ -141,4 +144,6 @@ def format_summary(result: PretrainResult) -> str:
     if not math.isnan(result.train_images_per_second):
         lines.append(f"training speed  {result.train_images_per_second:.0f} images/s")
     lines.append(f"model           {result.model_path}")
+    if result.agent_path is not None:
+        lines.append(f"agent           {result.agent_path} (the frozen policy with this ResNet)")
     return "\n".join(lines)

@@ -16,6 +16,11 @@ A run directory (see :mod:`agents.runs`) receives::
 
 With ``init`` set, epoch 0 of metrics.jsonl holds the test accuracy of the checkpoint before any
 training, the reference that fine-tuning must beat.
+
+With ``agent`` set, the run trains the ResNet of an agent checkpoint for the blocks that the
+agent's frozen policy keeps: each training image runs only those blocks, and every test accuracy
+is that of the policy and the ResNet together. The run then also writes ``agent.pt`` (and
+``best_agent.pt``), agent checkpoints of the unchanged policy with the trained ResNet.
 """
 
 from __future__ import annotations
@@ -34,6 +39,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from agents.agent_checkpoint import (
+    EXPORTED_AGENT,
+    agent_policy_fn,
+    agent_state,
+    load_agent,
+    read_agent_checkpoint,
+    resolve_agent_path,
+)
 from agents.baselines import AllBlocks
 from agents.distributed import (
     barrier,
@@ -48,7 +61,8 @@ from agents.distributed import (
     world_size,
     wrap_ddp,
 )
-from agents.evaluation import EvaluationResult
+from agents.evaluation import PolicyFn
+from agents.policy import PolicyNetwork
 from agents.runs import BEST_CHECKPOINT, LAST_CHECKPOINT, RunDirectory, capture_rng_state, restore_rng_state
 from blockdrop_env.augment import random_crop_flip
 from blockdrop_env.checkpoints import NORMALIZATION_NAMES, load_resnet, normalization_name, save_resnet
@@ -69,6 +83,8 @@ SCRATCH_LR = 0.1
 FINETUNE_LR = 0.01
 MODEL_FILE = "model.pt"
 BEST_MODEL_FILE = "best_model.pt"
+AGENT_FILE = EXPORTED_AGENT
+BEST_AGENT_FILE = "best_agent.pt"
 PRECISIONS = ("float32", "bfloat16")
 
 # Settings that change speed but not the numbers, so a resumed run may use other values.
@@ -106,6 +122,13 @@ class PretrainConfig:
         default=None,
         metadata=_doc("Checkpoint to fine-tune; its head is replaced when the class count differs."),
     )
+    agent: str | None = field(
+        default=None,
+        metadata=_doc(
+            "Agent checkpoint (or its run directory) whose ResNet to fine-tune for the blocks its frozen "
+            "policy keeps; writes agent.pt with the trained ResNet. Excludes --init and --stochastic-depth."
+        ),
+    )
     normalization: str | None = field(
         default=None,
         metadata=_doc("Input normalisation: imagenet, cifar10 or none; default imagenet, or the --init checkpoint's."),
@@ -115,7 +138,7 @@ class PretrainConfig:
     batch_size: int = field(default=128, metadata=_doc("Images per SGD step; the last partial batch of an epoch is dropped."))
     lr: float | None = field(
         default=None,
-        metadata=_doc(f"Peak learning rate; default {SCRATCH_LR} from scratch, {FINETUNE_LR} with --init."),
+        metadata=_doc(f"Peak learning rate; default {SCRATCH_LR} from scratch, {FINETUNE_LR} with --init or --agent."),
     )
     momentum: float = field(default=0.9, metadata=_doc("SGD momentum (Nesterov)."))
     # He et al. (2016, section 4.2) used weight decay 1e-4 for CIFAR ResNets, and so does trainer.py
@@ -215,6 +238,8 @@ class PretrainConfig:
             raise ConfigError(
                 f"`normalization` must be one of {sorted(NORMALIZATION_NAMES)} or None, got {self.normalization!r}"
             )
+        if self.agent is not None:
+            self._check_agent()
         if self.init is not None and not Path(self.init).is_file():
             raise ConfigError(
                 f"`init` checkpoint {self.init} not found or not a file; pass an existing ResNet checkpoint"
@@ -223,6 +248,23 @@ class PretrainConfig:
             _check_arch(self.arch)
         check_sync_bn(self.sync_bn, self.device)
 
+    def _check_agent(self) -> None:
+        if self.init is not None:
+            raise ConfigError(
+                f"`agent` {self.agent} and `init` {self.init} both name the network to train; "
+                "pass only --agent, whose checkpoint holds the ResNet"
+            )
+        if self.stochastic_depth < 1:
+            raise ConfigError(
+                f"`stochastic_depth` must be 1 with `agent`, got {self.stochastic_depth!r}; the agent's "
+                "policy chooses the blocks, so drop --stochastic-depth"
+            )
+        if not Path(self.agent).exists():
+            raise ConfigError(
+                f"`agent` {self.agent} not found; pass an agent checkpoint of `blockdrop train` or "
+                "`blockdrop finetune`, or its run directory"
+            )
+
     def resolved(self, *, arch: str | None, normalization: str | None, num_classes: int | None) -> PretrainConfig:
         """Fill the fields left to the run: architecture, normalisation, class count and lr.
 
@@ -230,7 +272,7 @@ class PretrainConfig:
         """
         lr = self.lr
         if lr is None:
-            lr = FINETUNE_LR if self.init else SCRATCH_LR
+            lr = FINETUNE_LR if self.init or self.agent else SCRATCH_LR
         return replace(
             self,
             arch=arch,
@@ -239,6 +281,7 @@ class PretrainConfig:
             lr=lr,
             data_dir=str(Path(self.data_dir).resolve()) if self.data_dir else None,
             init=str(Path(self.init).resolve()) if self.init else None,
+            agent=str(Path(self.agent).resolve()) if self.agent else None,
         )
 
     @classmethod
@@ -274,6 +317,7 @@ class PretrainResult:
         best_epoch: Epoch of ``best_accuracy``.
         head_replaced: Whether the ``init`` checkpoint's head was replaced by a new linear layer.
         train_images_per_second: Training throughput of the epochs run in this call (NaN if none).
+        agent_path: With ``agent`` set, ``run_dir/agent.pt``: the policy with the trained ResNet.
     """
 
     run_dir: Path
@@ -286,6 +330,7 @@ class PretrainResult:
     best_epoch: int
     head_replaced: bool
     train_images_per_second: float
+    agent_path: Path | None = None
 
 
 @dataclass
@@ -298,10 +343,12 @@ class _Trainer:
     epoch: int = 0
     initial_accuracy: float | None = None
     last_accuracy: float = math.nan
+    last_metrics: dict[str, float] = field(default_factory=dict)
     best_accuracy: float = -math.inf
     best_epoch: int = 0
     head_replaced: bool = False
     parallel: nn.Module | None = None
+    agent: FrozenAgent | None = None
 
     @property
     def network(self) -> nn.Module:
@@ -317,6 +364,7 @@ class _Trainer:
             "epoch": self.epoch,
             "initial_accuracy": self.initial_accuracy,
             "last_accuracy": self.last_accuracy,
+            "last_metrics": dict(self.last_metrics),
             "best_accuracy": self.best_accuracy,
             "best_epoch": self.best_epoch,
             "head_replaced": self.head_replaced,
@@ -331,10 +379,32 @@ class _Trainer:
         self.epoch = int(state["epoch"])
         self.initial_accuracy = state["initial_accuracy"]
         self.last_accuracy = float(state["last_accuracy"])
+        self.last_metrics = dict(state.get("last_metrics", {}))
         self.best_accuracy = float(state["best_accuracy"])
         self.best_epoch = int(state["best_epoch"])
         self.head_replaced = bool(state["head_replaced"])
         restore_rng_state(state["rng"])
+
+
+@dataclass
+class FrozenAgent:
+    """The policy of an agent checkpoint, run without gradients to choose each image's blocks.
+
+    Not part of last.pt: a resumed run loads it again from ``PretrainConfig.agent``.
+    """
+
+    policy: PolicyNetwork
+    num_controlled: int
+    epoch: int
+    source: Path
+
+    def __post_init__(self) -> None:
+        self.policy.requires_grad_(False)
+        self.choose: PolicyFn = agent_policy_fn(self.policy, self.num_controlled)
+
+    def state(self, model: BlockDropResNet, metrics: Mapping[str, float]) -> dict[str, Any]:
+        """Agent checkpoint of this policy with ``model``; its epoch stays the policy's own."""
+        return agent_state(self.policy, model, num_controlled=self.num_controlled, epoch=self.epoch, metrics=metrics)
 
 
 @dataclass
@@ -392,6 +462,8 @@ def pretrain(
     """
     run = run_dir if isinstance(run_dir, RunDirectory) else RunDirectory(run_dir)
     saved_state = _open_run(run, resume)
+    # Read before the data, so that a wrong file fails fast.
+    agent, agent_model = _load_agent(config.agent) if config.agent is not None else (None, None)
     if resume:
         # Fail before the data is loaded; settings resolved later are checked again then.
         early = config.resolved(arch=config.arch, normalization=config.normalization, num_classes=config.num_classes)
@@ -402,7 +474,11 @@ def pretrain(
 
     train_data, test_data = _prepare_data(config, train_data, test_data, progress)
     torch.manual_seed(config.seed)
-    model, head_replaced = _build_model(config, train_data)
+    if agent is not None:
+        model, head_replaced = agent_model, False
+        _check_agent_classes(agent, model, train_data)
+    else:
+        model, head_replaced = _build_model(config, train_data)
     config = config.resolved(
         arch=_arch_name(model),
         normalization=normalization_name(model.normalization),
@@ -411,6 +487,9 @@ def pretrain(
     _record_config(run, config, resume)
 
     trainer = _make_trainer(model, config, len(train_data), device, head_replaced)
+    if agent is not None:
+        agent.policy.to(device)
+        trainer.agent = agent
     if saved_state is not None:
         _restore(trainer, saved_state, run)
         run.truncate_metrics(trainer.epoch)
@@ -507,6 +586,29 @@ def _build_model(config: PretrainConfig, train_data: ImageDataset) -> tuple[Bloc
     return loaded.model, True
 
 
+def _load_agent(path: str) -> tuple[FrozenAgent, BlockDropResNet]:
+    """Load an agent checkpoint's policy and ResNet.
+
+    Raises:
+        CheckpointError: if the file cannot be read, is incomplete or is a plain ResNet checkpoint.
+    """
+    file = resolve_agent_path(path)
+    # Checked first so that a plain ResNet checkpoint gets pretrain's own option in the error.
+    read_agent_checkpoint(file, resnet_option="--init")
+    policy, loaded, info = load_agent(file)
+    logger.info("loaded the agent %s (%s)", info.path, loaded.describe())
+    return FrozenAgent(policy, info.num_controlled, info.epoch, info.path), loaded.model
+
+
+def _check_agent_classes(agent: FrozenAgent, model: BlockDropResNet, train_data: ImageDataset) -> None:
+    """Raise ConfigError unless the agent's ResNet has the dataset's number of classes."""
+    if model.num_classes != train_data.num_classes:
+        raise ConfigError(
+            f"`agent` {agent.source} has a {model.num_classes}-class ResNet but the dataset "
+            f"{train_data.name} has {train_data.num_classes} classes; pass the agent trained on this dataset"
+        )
+
+
 def _replace_head(model: BlockDropResNet, num_classes: int) -> None:
     """Swap the classifier for a freshly initialised linear layer with ``num_classes`` outputs."""
     name = "linear" if isinstance(model, CifarResNet) else "fc"
@@ -573,10 +675,11 @@ def _start(
     trainer: _Trainer, run: RunDirectory, test_data: ImageDataset, config: PretrainConfig, device: torch.device, progress: bool
 ) -> None:
     """Log the ``init`` checkpoint's accuracy as epoch 0 and write the first last.pt."""
-    if config.init is not None:
-        trainer.initial_accuracy = _evaluate(trainer.model, test_data, config, device, progress).accuracy
+    if config.init is not None or config.agent is not None:
+        initial = _evaluate(trainer, test_data, config, device, progress)
+        trainer.initial_accuracy = initial["test/accuracy"]
         trainer.last_accuracy = trainer.initial_accuracy
-        run.log(0, {"test/accuracy": trainer.initial_accuracy})
+        run.log(0, initial)
     run.save_checkpoint(trainer.state_dict(), LAST_CHECKPOINT)
 
 
@@ -606,9 +709,12 @@ def _train(
     rates = []
     try:
         for epoch in range(trainer.epoch + 1, config.epochs + 1):
+            started = time.perf_counter()
             metrics = _train_one_epoch(trainer, train_data, config, epoch, device, bar)
             rates.append(metrics["train/images_per_second"])
-            metrics["test/accuracy"] = _evaluate(trainer.model, test_data, config, device, progress).accuracy
+            metrics.update(_evaluate(trainer, test_data, config, device, progress))
+            # Training plus evaluation, so a run resumed after a kill can still add up its time.
+            metrics["time/epoch_seconds"] = time.perf_counter() - started
             _end_epoch(trainer, run, epoch, metrics, train_data)
             bar.set_postfix(epoch=epoch, test_accuracy=f"{metrics['test/accuracy']:.4f}")
             if on_epoch_end is not None:
@@ -686,8 +792,15 @@ def _train_step(
     inputs = model.preprocess(images)
     if config.channels_last:
         inputs = inputs.contiguous(memory_format=torch.channels_last)
+    chosen = None
+    if trainer.agent is not None:
+        # Chosen in float32 outside autocast, so training runs the blocks that evaluation runs.
+        with torch.no_grad():
+            chosen = trainer.agent.choose(images)
     with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=config.precision == "bfloat16"):
-        if config.stochastic_depth < 1:
+        if chosen is not None:
+            logits = trainer.network(inputs, chosen, mode="sparse")
+        elif config.stochastic_depth < 1:
             policy = stochastic_depth_policy(labels.shape[0], model.num_blocks, config.stochastic_depth, generator)
             logits = trainer.network(inputs, policy.to(inputs.device), mode="sparse")
         else:
@@ -716,14 +829,18 @@ def stochastic_depth_policy(
 
 
 def _evaluate(
-    model: BlockDropResNet, data: ImageDataset, config: PretrainConfig, device: torch.device, progress: bool
-) -> EvaluationResult:
-    """Measure the accuracy with every block executed and BatchNorm in eval mode."""
+    trainer: _Trainer, data: ImageDataset, config: PretrainConfig, device: torch.device, progress: bool
+) -> dict[str, float]:
+    """Measure the test accuracy with BatchNorm in eval mode: every block, or the agent's blocks and their count."""
+    model = trainer.model
     broadcast_buffers(model)
+    policy_fn = AllBlocks(model.num_blocks) if trainer.agent is None else trainer.agent.choose
     result, _ = evaluate_sharded(
-        model, data, AllBlocks(model.num_blocks), batch_size=config.eval_batch_size, device=device, progress=progress
+        model, data, policy_fn, batch_size=config.eval_batch_size, device=device, progress=progress
     )
-    return result
+    if trainer.agent is None:
+        return {"test/accuracy": result.accuracy}
+    return {"test/accuracy": result.accuracy, "test/blocks_mean": result.blocks_mean, "test/blocks_std": result.blocks_std}
 
 
 def _check_finite(value: torch.Tensor, quantity: str, trainer: _Trainer) -> None:
@@ -757,6 +874,7 @@ def _end_epoch(
         _check_finite(parameter.detach(), f"weight {name} after epoch {epoch}", trainer)
     trainer.epoch = epoch
     trainer.last_accuracy = metrics["test/accuracy"]
+    trainer.last_metrics = {key: value for key, value in metrics.items() if key.startswith("test/")}
     run.log(epoch, metrics)
     if trainer.last_accuracy > trainer.best_accuracy:
         trainer.best_accuracy = trainer.last_accuracy
@@ -765,6 +883,8 @@ def _end_epoch(
         # optimistic estimate. model.pt, the last epoch, is not selected on it.
         if is_main_process():
             save_resnet(trainer.model, run.path / BEST_MODEL_FILE, extra=_model_extra(trainer, epoch, train_data))
+            if trainer.agent is not None:
+                run.save_checkpoint(trainer.agent.state(trainer.model, trainer.last_metrics), BEST_AGENT_FILE)
         run.save_checkpoint(trainer.state_dict(), BEST_CHECKPOINT)
     run.save_checkpoint(trainer.state_dict(), LAST_CHECKPOINT)
     barrier()
@@ -777,6 +897,7 @@ def _model_extra(trainer: _Trainer, epoch: int, train_data: ImageDataset) -> dic
         "epoch": epoch,
         "test_accuracy": trainer.last_accuracy,
         "initial_test_accuracy": trainer.initial_accuracy,
+        "agent": None if trainer.agent is None else str(trainer.agent.source),
         "classes": list(train_data.classes),
         "dataset": train_data.name,
     }
@@ -785,10 +906,13 @@ def _model_extra(trainer: _Trainer, epoch: int, train_data: ImageDataset) -> dic
 def _finish(
     trainer: _Trainer, run: RunDirectory, train_data: ImageDataset, images_per_second: float
 ) -> PretrainResult:
-    """Save the final network as model.pt and summarise the run."""
+    """Save the final network as model.pt (and with the policy as agent.pt) and summarise the run."""
     model_path = run.path / MODEL_FILE
     if is_main_process():
         save_resnet(trainer.model, model_path, extra=_model_extra(trainer, trainer.epoch, train_data))
+    agent_path = None
+    if trainer.agent is not None:
+        agent_path = run.save_checkpoint(trainer.agent.state(trainer.model, trainer.last_metrics), AGENT_FILE)
     return PretrainResult(
         run_dir=run.path,
         model_path=model_path,
@@ -800,4 +924,5 @@ def _finish(
         best_epoch=trainer.best_epoch,
         head_replaced=trainer.head_replaced,
         train_images_per_second=images_per_second,
+        agent_path=agent_path,
     )

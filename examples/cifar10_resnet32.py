@@ -7,7 +7,9 @@ continues from its last.pt):
 0. Adapt the ResNet to the JPEG images (``agents.pretrain.pretrain`` from ``--resnet``), and
    record the full network's test accuracy before and after.
 1. Curriculum REINFORCE on the frozen adapted ResNet (``agents.reinforce.train``).
-2. Joint fine-tuning of the policy and the ResNet (``agents.finetune.finetune``).
+2. Joint fine-tuning of the policy and the ResNet (``agents.finetune.finetune``), then (2b)
+   the ResNet alone, trained for the blocks the now frozen policy keeps (``agents.pretrain.pretrain``
+   with ``agent``): joint training samples actions far from the thresholded ones used at test time.
 3. Evaluation on every test image: accuracy, blocks and FLOPs (mean and std), unique policies.
 4. Static baselines on the adapted ResNet: first-K and random-drop curves, the best fixed policy.
 5. CPU latency of policy + kept blocks against the full network, at batch 1 and 256.
@@ -18,7 +20,7 @@ results.json).
 
     python examples/cifar10_resnet32.py
     python examples/cifar10_resnet32.py --max-train-images 256 --max-test-images 128 \\
-        --pretrain-epochs 1 --reinforce-epochs 1 --finetune-epochs 1 --work-dir /tmp/smoke --out-dir /tmp/smoke-docs
+        --pretrain-epochs 1 --reinforce-epochs 1 --finetune-epochs 1 --refine-epochs 1 --work-dir /tmp/smoke --out-dir /tmp/smoke-docs
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from agents.baselines import AllBlocks, BestFixedPolicy, FirstK, RandomDrop, bes
 from agents.compare import Comparison, PolicyScore, ResultRow, plot_pareto, score_policy
 from agents.evaluation import EvaluationRecord, EvaluationResult, PolicyFn, evaluate_policy
 from agents.finetune import FinetuneConfig, finetune
-from agents.pretrain import PRECISIONS, PretrainConfig, pretrain
+from agents.pretrain import PRECISIONS, PretrainConfig, PretrainResult, pretrain
 from agents.reinforce import TrainConfig, train
 from blockdrop_env.checkpoints import atomic_torch_save, load_resnet
 from blockdrop_env.data import ImageDataset, check_same_classes, load_image_folder
@@ -55,15 +57,16 @@ NAME = "cifar10-resnet32"
 AGENT_FILE = "agent.pt"
 NOTES_FILE = "notes.md"
 CHECK_IMAGE_COUNTS = (1000, 2000, 10_000)
-STAGES = ("pretrain", "reinforce", "finetune", "evaluate", "baselines", "latency", "pictures")
+STAGES = ("pretrain", "reinforce", "finetune", "refine", "evaluate", "baselines", "latency", "pictures")
 
 # Throughputs of ResNet-32 on 2 AMD EPYC cores with no other load, images per second, from the
 # stage times of the run in docs/results/cifar10-resnet32.md. The estimate is only as good as
 # these, and REINFORCE speeds up as the policy drops blocks.
 PRETRAIN_IMAGES_PER_SECOND = 350.0  # bfloat16 autocast with stochastic depth
 REINFORCE_IMAGES_PER_SECOND = 330.0
-FINETUNE_IMAGES_PER_SECOND = 135.0
-EVAL_IMAGES_PER_SECOND = 850.0
+FINETUNE_IMAGES_PER_SECOND = 205.0  # channels-last
+REFINE_IMAGES_PER_SECOND = 590.0  # bfloat16 autocast, about 9 of 15 blocks run
+EVAL_IMAGES_PER_SECOND = 1250.0  # channels-last, a mix of all and about 9 blocks
 DECODE_IMAGES_PER_SECOND = 6000.0  # JPEG decoding of the 32x32 images, one thread
 
 # Options that may differ when a run resumes; any other change needs a new --work-dir.
@@ -89,8 +92,10 @@ class Recipe:
     penalty: float = 1.0
     reinforce_epochs: int = 6
     blocks_per_stage: int = 3
-    finetune_epochs: int = 5
+    finetune_epochs: int = 26
     finetune_images: int = 25_000
+    refine_epochs: int = 4
+    refine_lr: float = 0.01
     batch_size: int = 256
     max_train_images: int | None = None
     max_test_images: int | None = None
@@ -114,6 +119,8 @@ HELP = {
     "blocks_per_stage": "Blocks the agent gains per curriculum epoch (stage 1).",
     "finetune_epochs": "Epochs of joint fine-tuning (stage 2).",
     "finetune_images": "Fixed random subset of training images used for joint fine-tuning.",
+    "refine_epochs": "Epochs training the ResNet for the blocks the frozen policy keeps, on every training image (stage 2b); 0 skips it.",
+    "refine_lr": "Peak SGD learning rate of stage 2b (cosine decay to 0).",
     "batch_size": "Images per step in stages 1 and 2, and per forward pass in evaluations.",
     "max_train_images": "Use a fixed random subset of N training images everywhere (smoke runs).",
     "max_test_images": "Use a fixed random subset of N test images everywhere (smoke runs).",
@@ -140,8 +147,12 @@ def parse_recipe(argv: list[str] | None = None) -> Recipe:
     recipe = Recipe(**vars(parser.parse_args(argv)))
     for item in fields(Recipe):
         value = getattr(recipe, item.name)
-        if isinstance(value, int) and item.name != "seed" and value < 1:
+        if isinstance(value, int) and item.name not in ("seed", "refine_epochs") and value < 1:
             raise ConfigError(f"--{item.name.replace('_', '-')} must be a positive integer, got {value}")
+    if recipe.refine_epochs < 0:
+        raise ConfigError(f"--refine-epochs must be >= 0, got {recipe.refine_epochs}; pass 0 to skip stage 2b")
+    if not recipe.refine_lr > 0:
+        raise ConfigError(f"--refine-lr must be > 0, got {recipe.refine_lr}; pass a learning rate such as 0.01")
     if not recipe.penalty >= 0:
         raise ConfigError(f"--penalty must be >= 0, got {recipe.penalty}; pass a non-negative number such as 1")
     # Checked here as well as in stage 0, so that a bad value never reaches recipe.json.
@@ -212,6 +223,8 @@ def estimate_seconds(
         + (recipe.pretrain_epochs + 1) * evaluation,
         "reinforce": recipe.reinforce_epochs * (num_train / REINFORCE_IMAGES_PER_SECOND + evaluation),
         "finetune": recipe.finetune_epochs * (finetune_images / FINETUNE_IMAGES_PER_SECOND + evaluation),
+        "refine": recipe.refine_epochs * pretrain_images / REFINE_IMAGES_PER_SECOND
+        + (recipe.refine_epochs + 1) * evaluation * (recipe.refine_epochs > 0),
         "evaluate": 4 * evaluation,
         "baselines": curve_points * evaluation + search_evaluations * search_images / EVAL_IMAGES_PER_SECOND,
         "latency": 2 * recipe.latency_images * 0.01 + 20 * 256 / EVAL_IMAGES_PER_SECOND,
@@ -229,7 +242,7 @@ def print_estimate(estimate: dict[str, float]) -> None:
 # Stage bookkeeping
 
 
-def run_stage(index: int, name: str, work_dir: Path, body: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+def run_stage(index: int | str, name: str, work_dir: Path, body: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """Run ``body`` unless ``work_dir/stages/<name>.json`` exists; store its result and time there."""
     marker = work_dir / "stages" / f"{name}.json"
     if marker.exists():
@@ -274,6 +287,13 @@ class Pipeline:
         return self.work_dir / "pretrain" / "model.pt"
 
     @property
+    def final_agent(self) -> Path:
+        """The agent the report evaluates: stage 2b's, or stage 2's when 2b is skipped."""
+        if self.recipe.refine_epochs > 0:
+            return self.work_dir / "refine" / "agent.pt"
+        return self.work_dir / "finetune" / "last.pt"
+
+    @property
     def reward(self) -> BlockUsageReward:
         """Reward of stages 1 and 2: 1 - (blocks / K)² if correct, else -penalty."""
         return BlockUsageReward(self.recipe.penalty)
@@ -298,30 +318,40 @@ class Pipeline:
 # Stages 0-2: training
 
 
-def stage_pretrain(pipeline: Pipeline) -> dict[str, Any]:
-    """Stage 0: fine-tune the pre-trained ResNet on the JPEG training images."""
+def train_resnet(pipeline: Pipeline, name: str, **settings: Any) -> PretrainResult:
+    """Run ``agents.pretrain.pretrain`` in ``work_dir/name`` on the pipeline's splits, resuming it if started."""
     recipe = pipeline.recipe
-    run_dir = pipeline.work_dir / "pretrain"
+    run_dir = pipeline.work_dir / name
     config = PretrainConfig(
         dataset="imagefolder",
         data_dir=recipe.data_dir,
-        init=recipe.resnet,
-        epochs=recipe.pretrain_epochs,
         batch_size=recipe.pretrain_batch_size,
-        stochastic_depth=recipe.pretrain_stochastic_depth,
         precision=recipe.pretrain_precision,
         eval_batch_size=recipe.batch_size,
         device=recipe.device,
         seed=recipe.seed,
+        **settings,
     )
     # The splits are passed in, already cut to the subsets every stage uses.
-    result = pretrain(
+    return pretrain(
         config,
         run_dir,
         train_data=pipeline.train_data,
         test_data=pipeline.test_data,
         resume=(run_dir / "last.pt").exists(),
         progress=show_progress(),
+    )
+
+
+def stage_pretrain(pipeline: Pipeline) -> dict[str, Any]:
+    """Stage 0: fine-tune the pre-trained ResNet on the JPEG training images."""
+    recipe = pipeline.recipe
+    result = train_resnet(
+        pipeline,
+        "pretrain",
+        init=recipe.resnet,
+        epochs=recipe.pretrain_epochs,
+        stochastic_depth=recipe.pretrain_stochastic_depth,
     )
     return {
         "model": str(result.model_path),
@@ -373,6 +403,30 @@ def stage_finetune(pipeline: Pipeline) -> dict[str, Any]:
     return {"run_dir": str(run_dir), "last_epoch": rows[-1]}
 
 
+def stage_refine(pipeline: Pipeline) -> dict[str, Any]:
+    """Stage 2b: train the ResNet for the blocks the fine-tuned policy keeps, the policy frozen.
+
+    Joint fine-tuning trains the ResNet on sampled actions, which the exploration bound keeps
+    far from the thresholded ones the agent runs at test time.
+    """
+    recipe = pipeline.recipe
+    if recipe.refine_epochs == 0:
+        return {"skipped": True}
+    result = train_resnet(
+        pipeline,
+        "refine",
+        agent=str(pipeline.work_dir / "finetune" / "last.pt"),
+        epochs=recipe.refine_epochs,
+        lr=recipe.refine_lr,
+    )
+    return {
+        "agent": str(result.agent_path),
+        "accuracy_before": result.initial_accuracy,
+        "accuracy_after": result.final_accuracy,
+        "train_images_per_second": result.train_images_per_second,
+    }
+
+
 # ---------------------------------------------------------------------------------------------
 # Stage 3: evaluation
 
@@ -382,10 +436,13 @@ def stage_evaluate(pipeline: Pipeline) -> dict[str, Any]:
     # Use the last epoch's agents, here and in stage 2. best.pt is chosen by test reward, so it
     # would make the test numbers optimistic.
     device = pipeline.recipe.device
-    blockdrop, finetuned, info = load_agent(pipeline.work_dir / "finetune" / "last.pt", device)
+    blockdrop, finetuned, info = load_agent(pipeline.final_agent, device)
     curriculum, adapted, curriculum_info = load_agent(pipeline.work_dir / "reinforce" / "last.pt", device)
-    rows = {
-        "blockdrop": (finetuned.model, agent_policy_fn(blockdrop, info.num_controlled)),
+    rows = {"blockdrop": (finetuned.model, agent_policy_fn(blockdrop, info.num_controlled))}
+    if pipeline.recipe.refine_epochs > 0:
+        joint, joint_model, joint_info = load_agent(pipeline.work_dir / "finetune" / "last.pt", device)
+        rows["joint_finetune_only"] = (joint_model.model, agent_policy_fn(joint, joint_info.num_controlled))
+    rows |= {
         "curriculum_only": (adapted.model, agent_policy_fn(curriculum, curriculum_info.num_controlled)),
         "all_blocks_finetuned": (finetuned.model, AllBlocks(finetuned.model.num_blocks)),
         "all_blocks_adapted": (adapted.model, AllBlocks(adapted.model.num_blocks)),
@@ -445,7 +502,7 @@ def stage_baselines(pipeline: Pipeline, learned_blocks: float) -> dict[str, Any]
 
 def stage_latency(pipeline: Pipeline) -> dict[str, Any]:
     """Stage 5: median CPU time of policy + kept blocks and of the full network."""
-    policy, loaded, info = load_agent(pipeline.work_dir / "finetune" / "last.pt", "cpu")
+    policy, loaded, info = load_agent(pipeline.final_agent, "cpu")
     model = loaded.model.eval()
     policy_fn = agent_policy_fn(policy, info.num_controlled)
     images = pipeline.test_data.images
@@ -610,12 +667,15 @@ def evaluation_table(evaluation: dict[str, Any], pretrain_result: dict[str, Any]
         "|---|---|---|---|---|---|",
     ]
     labels = {
-        "blockdrop": ("BlockDrop (stage 2, joint fine-tuning)", "fine-tuned with the policy"),
+        "blockdrop": ("BlockDrop (stages 1-2b, final agent)", "fine-tuned for the policy"),
+        "joint_finetune_only": ("BlockDrop before stage 2b (stages 1-2)", "fine-tuned with the policy"),
         "curriculum_only": ("curriculum REINFORCE only (stage 1)", "adapted, frozen"),
-        "all_blocks_finetuned": ("all blocks", "fine-tuned with the policy"),
+        "all_blocks_finetuned": ("all blocks", "of the final agent"),
         "all_blocks_adapted": ("all blocks", "adapted (stage 0)"),
     }
     for name, (policy, network) in labels.items():
+        if name not in evaluation:
+            continue
         row = evaluation[name]
         lines.append(
             f"| {policy} | {network} | {percent(row['accuracy'])} | {row['blocks_mean']:.2f} ± {row['blocks_std']:.2f} "
@@ -814,6 +874,7 @@ def run(recipe: Recipe) -> Path:
     stages["pretrain"] = run_stage(0, "pretrain", work_dir, lambda: stage_pretrain(pipeline))
     stages["reinforce"] = run_stage(1, "reinforce", work_dir, lambda: stage_reinforce(pipeline))
     stages["finetune"] = run_stage(2, "finetune", work_dir, lambda: stage_finetune(pipeline))
+    stages["refine"] = run_stage("2b", "refine", work_dir, lambda: stage_refine(pipeline))
     stages["evaluate"] = run_stage(3, "evaluate", work_dir, lambda: stage_evaluate(pipeline))
     learned_blocks = stages["evaluate"]["blockdrop"]["blocks_mean"]
     stages["baselines"] = run_stage(4, "baselines", work_dir, lambda: stage_baselines(pipeline, learned_blocks))
@@ -858,7 +919,7 @@ def stage_seconds(pipeline: Pipeline, name: str, result: dict[str, Any]) -> floa
 
 def export_agent(pipeline: Pipeline) -> Path:
     """Save the final agent without its optimiser and RNG state, small enough to commit."""
-    state = read_agent_checkpoint(pipeline.work_dir / "finetune" / "last.pt")
+    state = read_agent_checkpoint(pipeline.final_agent)
     state.pop("training", None)
     path = pipeline.figures_dir / AGENT_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -889,7 +950,9 @@ def print_summary(report: Path, results_path: Path) -> None:
     """Print the headline numbers and where the report is."""
     results = json.loads(results_path.read_text(encoding="utf-8"))
     evaluation = results["stages"]["evaluate"]
-    for name in ("blockdrop", "curriculum_only", "all_blocks_finetuned", "all_blocks_adapted"):
+    for name in ("blockdrop", "joint_finetune_only", "curriculum_only", "all_blocks_finetuned", "all_blocks_adapted"):
+        if name not in evaluation:
+            continue
         row = evaluation[name]
         print(
             f"{name}: accuracy {row['accuracy']:.4f}, blocks {row['blocks_mean']:.2f} ± {row['blocks_std']:.2f}, "

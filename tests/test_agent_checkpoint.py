@@ -43,11 +43,13 @@ def test_load_agent_restores_both_networks(agent_file):
     assert info.policy_config.mean == (0.4, 0.4, 0.4)
 
 
-def test_resolve_agent_path_prefers_best_then_last(tmp_path):
+def test_resolve_agent_path_prefers_agent_best_last(tmp_path):
     (tmp_path / "last.pt").write_bytes(b"x")
     assert resolve_agent_path(tmp_path) == tmp_path / "last.pt"
     (tmp_path / "best.pt").write_bytes(b"x")
     assert resolve_agent_path(tmp_path) == tmp_path / "best.pt"
+    (tmp_path / "agent.pt").write_bytes(b"x")
+    assert resolve_agent_path(tmp_path) == tmp_path / "agent.pt"
 
 
 def test_resolve_agent_path_rejects_empty_run_directory(tmp_path):

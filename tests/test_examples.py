@@ -131,7 +131,7 @@ def check_pipeline_outputs(out_dir: Path, num_blocks: int) -> dict:
         assert latency[key] > 0.0
     assert results["machine"]["cpu_count"] >= 1
     assert 0.0 <= results["stages"]["pretrain"]["original_accuracy"] <= 1.0
-    assert set(results["stage_seconds"]) == {"decode", "pretrain", "reinforce", "finetune", "evaluate",
+    assert set(results["stage_seconds"]) == {"decode", "pretrain", "reinforce", "finetune", "refine", "evaluate",
                                              "baselines", "latency", "pictures"}  # fmt: skip
     assert all(seconds > 0.0 for seconds in results["stage_seconds"].values())
     return results
@@ -155,15 +155,26 @@ def test_cifar10_pipeline_runs_every_stage_on_tiny_data(tmp_path: Path, tiny_pip
     output = run_example("cifar10_resnet32.py", *tiny_pipeline_args)
 
     assert re.search(rf"estimated time on 2 idle CPU cores: {NUMBER} min", output)
-    for index in range(7):
+    for index in (*range(7), "2b"):
         assert re.search(rf"stage {index} \(\w+\): finished in {NUMBER} s", output)
     assert re.search(rf"^blockdrop: accuracy {NUMBER}, blocks {NUMBER} ± {NUMBER}", output, re.M)
+    assert re.search(rf"^joint_finetune_only: accuracy {NUMBER}", output, re.M)
     results = check_pipeline_outputs(tmp_path / "docs", num_blocks=3)
     assert (tmp_path / "work" / "finetune" / "last.pt").is_file()
 
-    # The exported agent is the final one without its training state, and scores what stage 3 recorded.
+    # The exported agent is stage 2b's without its training state: stage 2's policy with the
+    # ResNet trained for it, and it scores what stage 3 recorded.
     agent = torch.load(tmp_path / "docs" / "cifar10-resnet32" / "agent.pt", weights_only=True)
     assert "training" not in agent
+    joint = torch.load(tmp_path / "work" / "finetune" / "last.pt", weights_only=True)
+    refined = torch.load(tmp_path / "work" / "refine" / "agent.pt", weights_only=True)
+    for key, value in joint["policy"].items():
+        assert torch.equal(agent["policy"][key], value), key
+    for key, value in refined["resnet"]["state_dict"].items():
+        assert torch.equal(agent["resnet"]["state_dict"][key], value), key
+    assert results["stages"]["refine"]["accuracy_after"] == pytest.approx(
+        results["stages"]["evaluate"]["blockdrop"]["accuracy"]
+    )
     blockdrop = results["stages"]["evaluate"]["blockdrop"]
     checks = results["checks"][str(blockdrop["num_images"])]
     assert checks["accuracy"] == pytest.approx(blockdrop["accuracy"])
@@ -172,9 +183,24 @@ def test_cifar10_pipeline_runs_every_stage_on_tiny_data(tmp_path: Path, tiny_pip
     # The same command again resumes: every stage has finished, so none runs.
     rerun = run_example("cifar10_resnet32.py", *tiny_pipeline_args)
 
-    assert rerun.count("done before, skipped") == 7
+    assert rerun.count("done before, skipped") == 8
     assert "finished in" not in rerun
     check_pipeline_outputs(tmp_path / "docs", num_blocks=3)
+
+
+def test_pipeline_without_refine_exports_joint_agent(
+    tmp_path: Path, tiny_pipeline_args: list[str | Path]
+) -> None:
+    output = run_example("cifar10_resnet32.py", *tiny_pipeline_args, "--refine-epochs", "0")
+
+    assert re.search(rf"stage 2b \(refine\): finished in {NUMBER} s", output)
+    assert not (tmp_path / "work" / "refine").exists()
+    results = check_pipeline_outputs(tmp_path / "docs", num_blocks=3)
+    assert "joint_finetune_only" not in results["stages"]["evaluate"]
+    agent = torch.load(tmp_path / "docs" / "cifar10-resnet32" / "agent.pt", weights_only=True)
+    joint = torch.load(tmp_path / "work" / "finetune" / "last.pt", weights_only=True)
+    for key, value in joint["resnet"]["state_dict"].items():
+        assert torch.equal(agent["resnet"]["state_dict"][key], value), key
 
 
 def test_cifar10_pipeline_rejects_changed_recipe(
@@ -196,6 +222,8 @@ def test_cifar10_pipeline_rejects_changed_recipe(
         ("--pretrain-precision", "float16", "--pretrain-precision must be one of float32, bfloat16"),
         ("--pretrain-stochastic-depth", "0", "--pretrain-stochastic-depth must be a survival probability"),
         ("--penalty", "-1", "--penalty must be >= 0"),
+        ("--refine-epochs", "-1", "--refine-epochs must be >= 0, got -1"),
+        ("--refine-lr", "0", "--refine-lr must be > 0, got 0.0"),
     ],
 )
 def test_cifar10_pipeline_rejects_bad_option_before_writing(

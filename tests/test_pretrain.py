@@ -22,7 +22,7 @@ from tests.conftest import run_cli
 
 # Pure red, green and blue 16x16 images with noise: separable by colour alone.
 COLOURS = torch.tensor([[200.0, 30.0, 30.0], [30.0, 200.0, 30.0], [30.0, 30.0, 200.0]])
-TIMING_KEYS = {"train/images_per_second"}
+TIMING_KEYS = {"train/images_per_second", "time/epoch_seconds"}
 
 
 def make_colour_dataset(num_images: int, seed: int, num_classes: int = 3) -> ImageDataset:
@@ -118,7 +118,7 @@ def test_pretrain_logs_metrics_per_epoch(tmp_path, train_data, test_data):
 
     rows = read_rows(tmp_path / "run")
     assert [row["epoch"] for row in rows] == [1, 2]
-    for key in ("train/loss", "train/accuracy", "test/accuracy", "lr", "train/images_per_second"):
+    for key in ("train/loss", "train/accuracy", "test/accuracy", "lr", "train/images_per_second", "time/epoch_seconds"):
         assert key in rows[0]
     assert rows[1]["lr"] < rows[0]["lr"]
 
@@ -476,3 +476,125 @@ def test_stochastic_depth_trains_with_sampled_policies(tmp_path, train_data, tes
 def test_config_rejects_stochastic_depth_out_of_range():
     with pytest.raises(ConfigError, match="`stochastic_depth` must be a survival probability in \\(0, 1\\], got 0"):
         PretrainConfig(dataset="shapes", stochastic_depth=0.0)
+
+
+# -- --agent: the ResNet trained for a frozen policy's blocks ---------------------------------
+
+
+def save_fixed_agent(path: Path, train_data: ImageDataset, keep: list[bool], num_classes: int = 3) -> Path:
+    """Save an agent checkpoint whose policy keeps the blocks in ``keep`` for every image."""
+    from agents.agent_checkpoint import agent_state
+    from agents.reinforce import build_policy
+
+    torch.manual_seed(0)
+    model = CifarResNet(depth=8, num_classes=num_classes, input_size=(16, 16)).eval()
+    policy = build_policy(model.num_blocks, train_data, None)
+    with torch.no_grad():
+        policy.logits.weight.zero_()
+        policy.logits.bias.copy_(torch.tensor([8.0 if kept else -8.0 for kept in keep]))
+    state = agent_state(policy, model, num_controlled=model.num_blocks, epoch=4, metrics={})
+    torch.save(state, path)
+    return path
+
+
+def test_agent_trains_for_policy_blocks(tmp_path, train_data, test_data, monkeypatch):
+    from agents.agent_checkpoint import agent_policy_fn, load_agent
+    from blockdrop_env.resnet import BlockDropResNet
+
+    source = save_fixed_agent(tmp_path / "agent.pt", train_data, [True, False, True])
+    calls: list[tuple[torch.Tensor, str]] = []
+    original = BlockDropResNet.forward
+
+    def recording_forward(self, x, policy=None, mode="sparse"):
+        if self.training:
+            calls.append((policy.clone(), mode))
+        return original(self, x, policy, mode)
+
+    monkeypatch.setattr(BlockDropResNet, "forward", recording_forward)
+    result = run_tiny(tmp_path / "run", train_data, test_data, agent=str(source), epochs=3)
+    monkeypatch.setattr(BlockDropResNet, "forward", original)
+
+    assert calls and all(mode == "sparse" for _, mode in calls)
+    assert all(policy.tolist() == [[True, False, True]] * policy.shape[0] for policy, _ in calls)
+    rows = read_rows(tmp_path / "run")
+    assert [row["epoch"] for row in rows] == [0, 1, 2, 3]
+    assert all(row["test/blocks_mean"] == 2.0 for row in rows)
+    assert result.final_accuracy >= 0.9
+    assert result.final_accuracy > result.initial_accuracy + 0.3
+
+    policy, loaded, info = load_agent(result.agent_path)
+    source_policy, source_model, _ = load_agent(source)
+    for key, value in source_policy.state_dict().items():
+        assert torch.equal(policy.state_dict()[key], value), key
+    assert not torch.equal(loaded.model.linear.weight, source_model.model.linear.weight)
+    assert info.epoch == 4
+    assert info.metrics["test/accuracy"] == result.final_accuracy
+    reloaded = evaluate_policy(loaded.model, test_data, agent_policy_fn(policy, info.num_controlled))
+    assert reloaded.accuracy == result.final_accuracy
+    assert (tmp_path / "run" / "best_agent.pt").is_file()
+
+
+def test_agent_resume_matches_whole_run(tmp_path, train_data, test_data):
+    source = str(save_fixed_agent(tmp_path / "agent.pt", train_data, [True, True, False]))
+    run_tiny(tmp_path / "whole", train_data, test_data, agent=source)
+    with pytest.raises(Interrupted):
+        pretrain(
+            tiny_config(agent=source),
+            tmp_path / "split",
+            train_data=train_data,
+            test_data=test_data,
+            progress=False,
+            on_epoch_end=stop_after_epoch_1,
+        )
+    pretrain(tiny_config(agent=source), tmp_path / "split", train_data=train_data, test_data=test_data, resume=True)
+
+    whole = torch.load(tmp_path / "whole" / "agent.pt", weights_only=True)
+    split = torch.load(tmp_path / "split" / "agent.pt", weights_only=True)
+    for key, value in whole["resnet"]["state_dict"].items():
+        assert torch.equal(value, split["resnet"]["state_dict"][key]), key
+    assert whole["metrics"] == split["metrics"]
+
+
+def test_agent_rejects_other_class_count(tmp_path, train_data, test_data):
+    source = save_fixed_agent(tmp_path / "agent.pt", train_data, [True, True, True], num_classes=5)
+    with pytest.raises(ConfigError, match="has a 5-class ResNet but the dataset colours-0 has 3 classes"):
+        run_tiny(tmp_path / "run", train_data, test_data, agent=str(source))
+
+
+def test_agent_rejects_plain_resnet(tmp_path, train_data, test_data):
+    checkpoint = tmp_path / "resnet.pt"
+    save_resnet(CifarResNet(depth=8, num_classes=3), checkpoint)
+    with pytest.raises(CheckpointError, match="is not an agent checkpoint .*use --init instead"):
+        run_tiny(tmp_path / "run", train_data, test_data, agent=str(checkpoint))
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"init": "{agent}"}, "`agent` .* and `init` .* both name the network to train; pass only --agent"),
+        ({"stochastic_depth": 0.5}, "`stochastic_depth` must be 1 with `agent`, got 0.5"),
+        ({"agent": "/nonexistent/agent.pt"}, "`agent` /nonexistent/agent.pt not found"),
+    ],
+)
+def test_config_rejects_agent_conflicts(tmp_path, train_data, overrides, match):
+    source = str(save_fixed_agent(tmp_path / "agent.pt", train_data, [True, True, True]))
+    settings = {"agent": source, **{key: value.format(agent=source) if isinstance(value, str) else value
+                                     for key, value in overrides.items()}}
+    with pytest.raises(ConfigError, match=match):
+        tiny_config(**settings)
+
+
+def test_cli_pretrain_agent_prints_file(registered, tmp_path, capsys):
+    data = make_colour_dataset(12, seed=2)
+    from tests.conftest import write_image_folder
+
+    folder = write_image_folder(tmp_path / "images", size=16)
+    source = save_fixed_agent(tmp_path / "agent.pt", data, [True, False, True])
+    run_dir = tmp_path / "run"
+    args = ["pretrain", "--agent", str(source), "--data-dir", str(folder), "--run-dir", str(run_dir)]
+    status, out, err = run_cli(args + ["--epochs", "1", "--batch-size", "4", "--quiet"], capsys)
+
+    assert status == 0, err
+    assert f"agent           {run_dir / 'agent.pt'}" in out
+    assert "before training (epoch 0)" in out
