@@ -38,6 +38,7 @@ AGENT_FORMAT_VERSION = 1
 _REQUIRED_KEYS = ("policy_config", "policy", "resnet", "num_controlled")
 # The final agent of `blockdrop pretrain --agent`; its best.pt and last.pt contain only its ResNet.
 EXPORTED_AGENT = "agent.pt"
+BEST_EXPORTED_AGENT = "best_agent.pt"
 
 
 @dataclass
@@ -96,8 +97,9 @@ def agent_state(
 def resolve_agent_path(path_or_run_dir: str | Path) -> Path:
     """Return the checkpoint file: ``path`` itself, or a run directory's agent file.
 
-    In a run directory that is agent.pt (written by ``blockdrop pretrain --agent``), else best.pt,
-    else last.pt (written by ``blockdrop train`` and ``blockdrop finetune``).
+    In a run directory that is agent.pt, else best_agent.pt (both written by ``blockdrop pretrain
+    --agent``, the second after each improved epoch), else best.pt, else last.pt (written by
+    ``blockdrop train`` and ``blockdrop finetune``).
 
     Raises:
         CheckpointError: if the path does not exist or the run directory has no checkpoint.
@@ -106,12 +108,13 @@ def resolve_agent_path(path_or_run_dir: str | Path) -> Path:
     if path.is_file():
         return path
     if path.is_dir():
-        for name in (EXPORTED_AGENT, BEST_CHECKPOINT, LAST_CHECKPOINT):
+        for name in (EXPORTED_AGENT, BEST_EXPORTED_AGENT, BEST_CHECKPOINT, LAST_CHECKPOINT):
             if (path / name).is_file():
                 return path / name
         raise CheckpointError(
-            f"run directory {path} has neither {BEST_CHECKPOINT} nor {LAST_CHECKPOINT}; train an "
-            "agent there first with `blockdrop train`, or pass a checkpoint file"
+            f"run directory {path} has no agent checkpoint ({EXPORTED_AGENT}, {BEST_EXPORTED_AGENT}, "
+            f"{BEST_CHECKPOINT} or {LAST_CHECKPOINT}); train an agent there first with `blockdrop train`, "
+            "or pass a checkpoint file"
         )
     raise CheckpointError(f"agent checkpoint {path} not found; pass a run directory or a .pt file")
 
@@ -163,7 +166,7 @@ def load_agent(
     """Load a trained agent: its policy network, its ResNet and where it came from.
 
     Args:
-        path_or_run_dir: A checkpoint file, or a run directory (its best.pt, else last.pt).
+        path_or_run_dir: A checkpoint file, or a run directory (see :func:`resolve_agent_path`).
         device: Where to put both networks.
 
     Returns:

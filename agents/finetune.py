@@ -219,4 +219,10 @@ def fill_from_source(config: FinetuneConfig) -> FinetuneConfig:
     for name in ("penalty", "dataset", "data_dir"):
         if values[name] is None:
             values[name] = saved.get(name)
+    if values["penalty"] is None:
+        # Runs of `blockdrop pretrain --agent` contain agents but record no reward.
+        raise ConfigError(
+            f"from_run (--from) {source}: {run_dir / CONFIG_FILE} records no penalty; pass --penalty, "
+            "e.g. the one the agent was trained with"
+        )
     return FinetuneConfig(**values)

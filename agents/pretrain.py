@@ -40,6 +40,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from agents.agent_checkpoint import (
+    BEST_EXPORTED_AGENT,
     EXPORTED_AGENT,
     agent_policy_fn,
     agent_state,
@@ -84,7 +85,7 @@ FINETUNE_LR = 0.01
 MODEL_FILE = "model.pt"
 BEST_MODEL_FILE = "best_model.pt"
 AGENT_FILE = EXPORTED_AGENT
-BEST_AGENT_FILE = "best_agent.pt"
+BEST_AGENT_FILE = BEST_EXPORTED_AGENT
 PRECISIONS = ("float32", "bfloat16")
 
 # Settings that change speed but not the numbers, so a resumed run may use other values.
@@ -369,6 +370,8 @@ class _Trainer:
             "best_epoch": self.best_epoch,
             "head_replaced": self.head_replaced,
             "rng": capture_rng_state(),
+            # The frozen policy, so that a resumed run can check that its agent file did not change.
+            "agent_policy": {} if self.agent is None else self.agent.policy_state(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -384,6 +387,11 @@ class _Trainer:
         self.best_epoch = int(state["best_epoch"])
         self.head_replaced = bool(state["head_replaced"])
         restore_rng_state(state["rng"])
+        if self.agent is not None and not self.agent.same_policy(state.get("agent_policy", {})):
+            raise CheckpointError(
+                f"the policy in `agent` {self.agent.source} differs from the one this run started with; "
+                "restore the original agent file to resume, or start a new --run-dir"
+            )
 
 
 @dataclass
@@ -401,6 +409,15 @@ class FrozenAgent:
     def __post_init__(self) -> None:
         self.policy.requires_grad_(False)
         self.choose: PolicyFn = agent_policy_fn(self.policy, self.num_controlled)
+
+    def policy_state(self) -> dict[str, torch.Tensor]:
+        """Copy of the policy network's weights on the CPU."""
+        return {key: value.detach().cpu().clone() for key, value in self.policy.state_dict().items()}
+
+    def same_policy(self, saved: Mapping[str, torch.Tensor]) -> bool:
+        """Return whether ``saved`` (from :meth:`policy_state`) equals this policy's weights."""
+        current = self.policy_state()
+        return saved.keys() == current.keys() and all(torch.equal(saved[key], current[key]) for key in current)
 
     def state(self, model: BlockDropResNet, metrics: Mapping[str, float]) -> dict[str, Any]:
         """Agent checkpoint of this policy with ``model``; its epoch stays the policy's own."""
@@ -642,9 +659,11 @@ def _check_resumed_config(run: RunDirectory, config: PretrainConfig) -> None:
         if key not in _RESUMABLE_CHANGES and value is not None and saved.get(key) != value
     ]
     if changed:
+        # An agent run's model.pt lacks the policy, so training further starts from its agent.pt.
+        further = f"--agent {run.path / AGENT_FILE}" if saved.get("agent") else f"--init {run.path / MODEL_FILE}"
         raise ConfigError(
             f"cannot resume {run.path} with other settings ({'; '.join(changed)}); resume with the "
-            f"run's settings, or start a new run with --init {run.path / MODEL_FILE} to train further"
+            f"run's settings, or start a new run with {further} to train further"
         )
 
 

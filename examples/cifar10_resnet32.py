@@ -151,8 +151,8 @@ def parse_recipe(argv: list[str] | None = None) -> Recipe:
             raise ConfigError(f"--{item.name.replace('_', '-')} must be a positive integer, got {value}")
     if recipe.refine_epochs < 0:
         raise ConfigError(f"--refine-epochs must be >= 0, got {recipe.refine_epochs}; pass 0 to skip stage 2b")
-    if not recipe.refine_lr > 0:
-        raise ConfigError(f"--refine-lr must be > 0, got {recipe.refine_lr}; pass a learning rate such as 0.01")
+    if not 0 < recipe.refine_lr < float("inf"):
+        raise ConfigError(f"--refine-lr must be a finite number > 0, got {recipe.refine_lr}; pass a learning rate such as 0.01")
     if not recipe.penalty >= 0:
         raise ConfigError(f"--penalty must be >= 0, got {recipe.penalty}; pass a non-negative number such as 1")
     # Checked here as well as in stage 0, so that a bad value never reaches recipe.json.
@@ -694,7 +694,7 @@ def baseline_table(baselines: dict[str, Any]) -> list[str]:
     lines = ["| baseline on the adapted ResNet | accuracy | mean blocks | mean FLOPs |", "|---|---|---|---|"]
     named = [
         (f"first-K, k = {baselines['first_k_at_learned']['parameter']}", baselines["first_k_at_learned"]),
-        (f"random drop, p = {baselines['random_drop_at_learned']['parameter']:.3f}", baselines["random_drop_at_learned"]),
+        (f"random drop, keep p = {baselines['random_drop_at_learned']['parameter']:.3f}", baselines["random_drop_at_learned"]),
         (f"best fixed policy `{baselines['best_fixed']['policy']}`", baselines["best_fixed"]),
     ]
     named += [(f"first-K, k = {row['parameter']}", row) for row in baselines["first_k_curve"]]

@@ -53,7 +53,7 @@ def test_resolve_agent_path_prefers_agent_best_last(tmp_path):
 
 
 def test_resolve_agent_path_rejects_empty_run_directory(tmp_path):
-    with pytest.raises(CheckpointError, match="has neither best.pt nor last.pt"):
+    with pytest.raises(CheckpointError, match="has no agent checkpoint \\(agent.pt, best_agent.pt, best.pt or last.pt\\)"):
         resolve_agent_path(tmp_path)
 
 

@@ -223,7 +223,8 @@ def test_cifar10_pipeline_rejects_changed_recipe(
         ("--pretrain-stochastic-depth", "0", "--pretrain-stochastic-depth must be a survival probability"),
         ("--penalty", "-1", "--penalty must be >= 0"),
         ("--refine-epochs", "-1", "--refine-epochs must be >= 0, got -1"),
-        ("--refine-lr", "0", "--refine-lr must be > 0, got 0.0"),
+        ("--refine-lr", "0", "--refine-lr must be a finite number > 0, got 0.0"),
+        ("--refine-lr", "inf", "--refine-lr must be a finite number > 0, got inf"),
     ],
 )
 def test_cifar10_pipeline_rejects_bad_option_before_writing(

@@ -69,6 +69,18 @@ def test_fill_from_source_rejects_file_outside_run(tmp_path):
         fill_from_source(FinetuneConfig(from_run=str(stray), run_dir=str(tmp_path / "ft")))
 
 
+def test_fill_from_source_requires_penalty_from_pretrain_run(source_run, tmp_path):
+    refine = tmp_path / "refine"
+    refine.mkdir()
+    (refine / "config.json").write_text('{"agent": "train/last.pt", "dataset": "imagefolder"}')
+    (refine / "agent.pt").write_bytes((source_run / "last.pt").read_bytes())
+
+    with pytest.raises(ConfigError, match="records no penalty; pass --penalty"):
+        fill_from_source(FinetuneConfig(from_run=str(refine), run_dir=str(tmp_path / "ft")))
+    filled = fill_from_source(FinetuneConfig(from_run=str(refine), run_dir=str(tmp_path / "ft"), penalty=2.0))
+    assert filled.penalty == 2.0
+
+
 def test_fill_from_source_rejects_missing_run(tmp_path):
     with pytest.raises(ConfigError, match="does not exist; pass the run directory"):
         fill_from_source(FinetuneConfig(from_run=str(tmp_path / "none"), run_dir=str(tmp_path / "ft")))

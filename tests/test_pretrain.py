@@ -555,6 +555,31 @@ def test_agent_resume_matches_whole_run(tmp_path, train_data, test_data):
     assert whole["metrics"] == split["metrics"]
 
 
+def test_agent_resume_rejects_changed_agent_file(tmp_path, train_data, test_data):
+    source = save_fixed_agent(tmp_path / "agent.pt", train_data, [True, True, False])
+    with pytest.raises(Interrupted):
+        pretrain(
+            tiny_config(agent=str(source)),
+            tmp_path / "run",
+            train_data=train_data,
+            test_data=test_data,
+            progress=False,
+            on_epoch_end=stop_after_epoch_1,
+        )
+    save_fixed_agent(source, train_data, [False, True, True])
+
+    with pytest.raises(CheckpointError, match="differs from the one this run started with"):
+        pretrain(tiny_config(agent=str(source)), tmp_path / "run", train_data=train_data, test_data=test_data, resume=True)
+
+
+def test_agent_resume_error_suggests_agent(tmp_path, train_data, test_data):
+    source = str(save_fixed_agent(tmp_path / "agent.pt", train_data, [True, True, False]))
+    run_tiny(tmp_path / "run", train_data, test_data, agent=source)
+
+    with pytest.raises(ConfigError, match=f"start a new run with --agent {tmp_path / 'run' / 'agent.pt'}"):
+        pretrain(tiny_config(agent=source, lr=0.2), tmp_path / "run", train_data=train_data, test_data=test_data, resume=True)
+
+
 def test_agent_rejects_other_class_count(tmp_path, train_data, test_data):
     source = save_fixed_agent(tmp_path / "agent.pt", train_data, [True, True, True], num_classes=5)
     with pytest.raises(ConfigError, match="has a 5-class ResNet but the dataset colours-0 has 3 classes"):
