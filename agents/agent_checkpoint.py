@@ -36,7 +36,7 @@ from blockdrop_env.resnet import BlockDropResNet, prefer_channels_last
 AGENT_FORMAT = "blockdrop_agent"
 AGENT_FORMAT_VERSION = 1
 _REQUIRED_KEYS = ("policy_config", "policy", "resnet", "num_controlled")
-# The final agent of `blockdrop pretrain --agent`; its best.pt and last.pt contain only its ResNet.
+# The final agent of `blockdrop pretrain --agent`. That run's best.pt and last.pt contain only the ResNet.
 EXPORTED_AGENT = "agent.pt"
 BEST_EXPORTED_AGENT = "best_agent.pt"
 

@@ -220,9 +220,9 @@ def fill_from_source(config: FinetuneConfig) -> FinetuneConfig:
         if values[name] is None:
             values[name] = saved.get(name)
     if values["penalty"] is None:
-        # Runs of `blockdrop pretrain --agent` contain agents but record no reward.
+        # Runs of `blockdrop pretrain --agent` contain agents but no reward settings.
         raise ConfigError(
-            f"from_run (--from) {source}: {run_dir / CONFIG_FILE} records no penalty; pass --penalty, "
-            "e.g. the one the agent was trained with"
+            f"penalty is missing: --penalty is not given and {run_dir / CONFIG_FILE} of from_run (--from) "
+            f"{source} has none; pass --penalty, e.g. the one the agent was trained with"
         )
     return FinetuneConfig(**values)

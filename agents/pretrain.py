@@ -250,10 +250,12 @@ class PretrainConfig:
         check_sync_bn(self.sync_bn, self.device)
 
     def _check_agent(self) -> None:
+        # NOTE: --arch and --normalization are not checked here and have no effect with --agent,
+        # because the agent's ResNet fixes both (a resumed run fills them from config.json).
         if self.init is not None:
             raise ConfigError(
                 f"`agent` {self.agent} and `init` {self.init} both name the network to train; "
-                "pass only --agent, whose checkpoint holds the ResNet"
+                "pass only --agent, whose checkpoint contains the ResNet"
             )
         if self.stochastic_depth < 1:
             raise ConfigError(
@@ -398,7 +400,8 @@ class _Trainer:
 class FrozenAgent:
     """The policy of an agent checkpoint, run without gradients to choose each image's blocks.
 
-    Not part of last.pt: a resumed run loads it again from ``PretrainConfig.agent``.
+    A resumed run loads it again from ``PretrainConfig.agent`` and compares it with the copy of
+    its weights in last.pt.
     """
 
     policy: PolicyNetwork
@@ -420,7 +423,7 @@ class FrozenAgent:
         return saved.keys() == current.keys() and all(torch.equal(saved[key], current[key]) for key in current)
 
     def state(self, model: BlockDropResNet, metrics: Mapping[str, float]) -> dict[str, Any]:
-        """Agent checkpoint of this policy with ``model``; its epoch stays the policy's own."""
+        """Build the agent checkpoint of this policy with ``model``, keeping the policy's own epoch."""
         return agent_state(self.policy, model, num_controlled=self.num_controlled, epoch=self.epoch, metrics=metrics)
 
 

@@ -69,13 +69,13 @@ def test_fill_from_source_rejects_file_outside_run(tmp_path):
         fill_from_source(FinetuneConfig(from_run=str(stray), run_dir=str(tmp_path / "ft")))
 
 
-def test_fill_from_source_requires_penalty_from_pretrain_run(source_run, tmp_path):
+def test_fill_from_source_requires_penalty(source_run, tmp_path):
     refine = tmp_path / "refine"
     refine.mkdir()
     (refine / "config.json").write_text('{"agent": "train/last.pt", "dataset": "imagefolder"}')
     (refine / "agent.pt").write_bytes((source_run / "last.pt").read_bytes())
 
-    with pytest.raises(ConfigError, match="records no penalty; pass --penalty"):
+    with pytest.raises(ConfigError, match="penalty is missing: --penalty is not given .* has none; pass --penalty"):
         fill_from_source(FinetuneConfig(from_run=str(refine), run_dir=str(tmp_path / "ft")))
     filled = fill_from_source(FinetuneConfig(from_run=str(refine), run_dir=str(tmp_path / "ft"), penalty=2.0))
     assert filled.penalty == 2.0

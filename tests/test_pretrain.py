@@ -514,7 +514,8 @@ def test_agent_trains_for_policy_blocks(tmp_path, train_data, test_data, monkeyp
     result = run_tiny(tmp_path / "run", train_data, test_data, agent=str(source), epochs=3)
     monkeypatch.setattr(BlockDropResNet, "forward", original)
 
-    assert calls and all(mode == "sparse" for _, mode in calls)
+    assert calls
+    assert all(mode == "sparse" for _, mode in calls)
     assert all(policy.tolist() == [[True, False, True]] * policy.shape[0] for policy, _ in calls)
     rows = read_rows(tmp_path / "run")
     assert [row["epoch"] for row in rows] == [0, 1, 2, 3]
@@ -555,7 +556,7 @@ def test_agent_resume_matches_whole_run(tmp_path, train_data, test_data):
     assert whole["metrics"] == split["metrics"]
 
 
-def test_agent_resume_rejects_changed_agent_file(tmp_path, train_data, test_data):
+def test_agent_resume_rejects_changed_file(tmp_path, train_data, test_data):
     source = save_fixed_agent(tmp_path / "agent.pt", train_data, [True, True, False])
     with pytest.raises(Interrupted):
         pretrain(
@@ -604,8 +605,10 @@ def test_agent_rejects_plain_resnet(tmp_path, train_data, test_data):
 )
 def test_config_rejects_agent_conflicts(tmp_path, train_data, overrides, match):
     source = str(save_fixed_agent(tmp_path / "agent.pt", train_data, [True, True, True]))
-    settings = {"agent": source, **{key: value.format(agent=source) if isinstance(value, str) else value
-                                     for key, value in overrides.items()}}
+    settings: dict[str, object] = {"agent": source}
+    for key, value in overrides.items():
+        settings[key] = value.format(agent=source) if isinstance(value, str) else value
+
     with pytest.raises(ConfigError, match=match):
         tiny_config(**settings)
 
